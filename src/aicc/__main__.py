@@ -1,0 +1,3 @@
+from aicc.cli.main import main
+
+main()

@@ -1,0 +1,53 @@
+"""`create_app(settings)`: the whole HTTP application; state is built in `lifespan`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from aicc import __version__
+from aicc.api import health
+from aicc.api.errors import install_error_handlers
+from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from aicc.api.openai import routes as openai_routes
+from aicc.api.openai.serving import OpenAIServing
+from aicc.config import Settings
+from aicc.engine.registry import create_engine
+from aicc.store.local import LocalModel, resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, model: LocalModel | None = None) -> FastAPI:
+    """Build the app. `model` is the resolved model file (resolved from settings if None)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        local = model
+        if local is None:
+            local = await asyncio.to_thread(resolve_model, settings.model, settings.model_dir)
+        served_name = settings.served_model_name or local.name
+        engine = create_engine(settings, local.path, served_name)
+        await engine.start()
+        app.state.engine = engine
+        app.state.serving = OpenAIServing(engine, served_name, settings.max_stop_strings)
+        logger.info("serving %s from %s", served_name, local.path)
+        try:
+            yield
+        finally:
+            app.state.engine = None
+            await engine.shutdown()
+
+    app = FastAPI(title="aicc", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = None
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai_routes.router)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

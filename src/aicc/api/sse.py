@@ -1,0 +1,57 @@
+"""Server-sent events for streamed completions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from aicc.api.errors import error_body
+from aicc.errors import AiccError
+
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_event(payload: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+async def sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncGenerator[bytes]:
+    """Encode chunks as SSE; an error mid-stream becomes an `error` event (headers are sent)."""
+    try:
+        async for chunk in chunks:
+            yield encode_event(chunk)
+    except AiccError as exc:
+        yield encode_event(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code))
+        return
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+    yield DONE
+
+
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that always closes its iterator, so a client that goes away
+    aborts its generation at once instead of whenever the iterator is garbage-collected."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        self._events = sse_stream(chunks)
+        super().__init__(
+            self._events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()

@@ -1,0 +1,94 @@
+"""The `aicc` command. Thin: settings in, server or table out."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from aicc import __version__
+from aicc.config import Settings, load_settings
+from aicc.errors import AiccError, ConfigError
+from aicc.store.local import list_models
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aicc")
+def main() -> None:
+    """aicc: run open LLMs on your own machines behind an OpenAI-compatible API."""
+
+
+@main.command()
+@click.option(
+    "--model", "--model-path", "model", help="Model name (see `aicc models list`) or GGUF path."
+)
+@click.option("--host", help="Address to bind.  [default: 127.0.0.1]")
+@click.option("--port", type=int, help="Port to listen on.  [default: 8080]")
+@click.option("--max-batch-size", type=int, help="Sequences decoded together.  [default: 32]")
+@click.option("--ctx-size", type=int, help="KV cache size in tokens.  [default: 8192]")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp.  [default: all CPUs]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to run.  [default: cpu]")
+@click.option("--max-queue", type=int, help="Requests that may wait for a slot.  [default: 256]")
+@click.option("--served-model-name", help="Name clients put in `model`.")
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
+)
+def serve(config_file: Path | None, **flags: Any) -> None:
+    """Start the OpenAI-compatible server."""
+    from aicc.cli.serve import run_server
+
+    settings = _settings_or_exit(config_file, flags)
+    try:
+        run_server(settings)
+    except AiccError as exc:
+        _fail(exc.message)
+
+
+@main.group()
+def models() -> None:
+    """Models on this machine."""
+
+
+@models.command("list")
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
+)
+def models_list(config_file: Path | None) -> None:
+    """Show the models `aicc serve --model` can load."""
+    settings = _settings_or_exit(config_file, {})
+    rows = [("NAME", "SIZE", "SOURCE", "PATH")]
+    for model in list_models(settings.model_dir):
+        size = _human_size(model.size_bytes) if model.size_bytes is not None else "-"
+        if model.is_bundled:
+            source = "bundled" if model.is_present else "bundled (assembled on first serve)"
+        else:
+            source = "model dir"
+        rows.append((model.name, size, source, str(model.path)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + row[3]
+        )
+
+
+def _settings_or_exit(config_file: Path | None, flags: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config_file, **flags)
+    except ConfigError as exc:
+        _fail(exc.message)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"aicc: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _human_size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

@@ -1,0 +1,159 @@
+"""The one root settings object.
+
+Precedence, highest first: command-line flags (passed as keyword arguments), ``AICC_*``
+environment variables, the YAML file named by ``--config`` / ``AICC_CONFIG``, then the defaults
+below. An invalid value stops start-up with a message naming the setting and the value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from aicc.errors import ConfigError
+
+
+def default_model_dir() -> Path:
+    """Where aicc keeps model files: ``$XDG_DATA_HOME/aicc/models`` (or ``~/.local/share``)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "aicc" / "models"
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (respects affinity masks and container cpusets)."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Settings(BaseSettings):
+    """Everything the server reads at start-up. Each field says what it bounds."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AICC_",
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address the HTTP server binds to."""
+
+    port: int = Field(default=8080, ge=0, le=65535)
+    """TCP port the HTTP server listens on (0 picks a free port)."""
+
+    model: str = Field(default="gemma-3-270m-q4_k_m", min_length=1)
+    """Model to serve: a name from `aicc models list` or a path to a GGUF file."""
+
+    served_model_name: str | None = Field(default=None, min_length=1, max_length=256)
+    """Name clients use in the `model` field; defaults to the model's own name."""
+
+    model_dir: Path = Field(default_factory=default_model_dir)
+    """Directory holding model files; the bundled model is assembled here on first use."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the weights run: `cpu`, or `cuda` (all layers offloaded to the GPU)."""
+
+    threads: int = Field(default_factory=default_threads, ge=1, le=1024)
+    """CPU threads llama.cpp uses for decoding and prompt processing."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=256)
+    """Most sequences decoded together in one engine step (continuous batching width)."""
+
+    max_batch_tokens: int = Field(default=512, ge=16, le=65536)
+    """Most tokens (decode + prefill chunks) one `llama_decode` call carries."""
+
+    ctx_size: int = Field(default=8192, ge=256, le=1048576)
+    """KV cache cells shared by all running sequences; also caps one request's context."""
+
+    max_queue: int = Field(default=256, ge=0, le=100000)
+    """Requests that may wait for a batch slot; beyond this the API answers 429."""
+
+    batch_invariant: bool = False
+    """Deterministic mode: a request's output (greedy, or seeded) is bit-identical alone or in a
+    busy batch. Costs throughput: sequences still interleave step by step, but each is decoded
+    in a call of its own (no shared matmuls), and each slot gets its own KV stream of
+    ctx_size / max_batch_size cells, which also caps one request's context."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
+    """Largest request body accepted; larger bodies get 413."""
+
+    max_stop_strings: int = Field(default=4, ge=0, le=64)
+    """Most stop strings one request may give."""
+
+    request_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    """Longest a generation may run before it is aborted and its KV freed."""
+
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    """Seconds sent in `Retry-After` when the queue is full."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Server log verbosity."""
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> Settings:
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least "
+                f"max_batch_size ({self.max_batch_size}): every running sequence decodes "
+                "one token per step"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; raise `ConfigError` naming each bad value.
+
+    ``overrides`` are command-line flags; a value of None means "not given".
+    """
+    config_file = config_file or _env_config_file()
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {str(config_file)!r} does not exist")
+        file_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": config_file})
+        settings_cls = type("FileSettings", (Settings,), {"model_config": file_config})
+    try:
+        return settings_cls(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except (ValueError, yaml.YAMLError) as exc:  # a YAML file that does not parse
+        raise ConfigError(f"config file {str(config_file)!r} is not valid YAML: {exc}") from None
+
+
+def _env_config_file() -> Path | None:
+    value = os.environ.get("AICC_CONFIG")
+    return Path(value) if value else None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {name!r}")
+        elif "input" in error and error["loc"]:
+            lines.append(f"invalid setting {name}={error['input']}: {error['msg']}")
+        else:
+            lines.append(f"invalid settings: {error['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,39 @@
+"""The one interface the gateway uses to reach any engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from aicc.engine.types import EngineHealth, EngineStats, GenerationRequest, ModelInfo, TokenEvent
+
+
+class EngineClient(Protocol):
+    """An engine serving one model. Implementations register in `aicc.engine.registry`."""
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    async def start(self) -> None:
+        """Load the model and start the engine loop. Raises `ModelLoadError`."""
+
+    async def shutdown(self) -> None:
+        """Abort everything in flight and free the model."""
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of `text`; special-token markup in `text` is parsed."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the completion of `request`.
+
+        Raises `ContextLengthExceededError` when prompt + max_tokens cannot fit,
+        `QueueFullError` when too many requests wait, `EngineUnavailableError` when stopped.
+        Closing the iterator early aborts the request and frees its KV cache.
+        """
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its sequence leaves the batch at the next step."""
+
+    def health(self) -> EngineHealth: ...
+
+    def stats(self) -> EngineStats: ...

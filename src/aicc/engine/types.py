@@ -1,0 +1,106 @@
+"""Plain data passed between the gateway and an engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """Why a sequence stopped generating."""
+
+    STOP = "stop"
+    """End-of-generation token or a stop string."""
+    LENGTH = "length"
+    """`max_tokens` reached, or the context is full."""
+    ABORT = "abort"
+    """Cancelled: the client went away or the request timed out."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick each next token. Defaults match OpenAI's API."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    min_p: float = 0.0
+    seed: int | None = None
+    """Same seed, prompt and params give the same text; None draws a random seed."""
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    """How many recent tokens the penalties look at."""
+    max_tokens: int | None = None
+    """None: up to the end of the context."""
+    stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (benchmarks)."""
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One prompt to complete, already tokenized."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """What one engine step produced for one request."""
+
+    text: str
+    """Newly released text (may be empty while bytes or a possible stop string are held)."""
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    """Tokens generated so far, including this step's."""
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the gateway needs to know about the loaded model."""
+
+    name: str
+    path: str
+    architecture: str
+    max_context: int
+    """Most tokens (prompt + completion) one request may use."""
+    vocab_size: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's counters (read by health checks and metrics)."""
+
+    num_running: int
+    num_waiting: int
+    num_outstanding: int
+    """Requests accepted by the client and not yet finished."""
+    kv_cells_used: int
+    kv_cells_total: int
+    num_steps: int
+    num_preemptions: int
+    num_finished: int
+    num_aborted: int
+    last_step_batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """Whether the engine can serve requests now."""
+
+    is_ready: bool
+    detail: str

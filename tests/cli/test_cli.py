@@ -1,0 +1,87 @@
+"""The `aicc` command as a user runs it: a real process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from aicc.store.local import BUNDLED_MODEL_NAME
+
+
+def aicc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aicc", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_invalid_flag_value_stops_with_the_value_named() -> None:
+    result = aicc("serve", "--max-batch-size", "0")
+    assert result.returncode == 2
+    assert "max_batch_size=0" in result.stderr
+
+
+def test_invalid_env_value_stops_start_up() -> None:
+    result = aicc("serve", env={"AICC_CTX_SIZE": "12"})
+    assert result.returncode == 2
+    assert "ctx_size=12" in result.stderr
+
+
+def test_unknown_model_is_reported(tmp_path: Path) -> None:
+    result = aicc("serve", "--model", "no-such-model", env={"AICC_MODEL_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "no-such-model" in result.stderr
+
+
+def test_models_list_shows_bundled_and_model_dir(model_dir: Path) -> None:
+    result = aicc("models", "list", env={"AICC_MODEL_DIR": str(model_dir)})
+    assert result.returncode == 0, result.stderr
+    assert BUNDLED_MODEL_NAME in result.stdout
+    assert "bundled" in result.stdout
+
+
+def test_serve_prints_url_and_examples_and_answers(model_dir: Path) -> None:
+    gguf = model_dir / f"{BUNDLED_MODEL_NAME}.gguf"
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "aicc", "serve", "--model-path", str(gguf), "--port", "0",
+            "--max-batch-size", "2", "--ctx-size", "1024", "--device", "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 120
+        while "python -c" not in banner and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            banner += line
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
+        assert match, banner
+        assert "curl http://127.0.0.1:" in banner
+        url = match.group(0)
+        models = httpx.get(url + "/v1/models", timeout=10).json()
+        assert models["data"][0]["id"] == BUNDLED_MODEL_NAME
+        ready = httpx.get(url + "/readyz", timeout=10)
+        assert ready.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: -SIGTERM is a clean stop.
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        if process.stdout is not None:
+            process.stdout.close()

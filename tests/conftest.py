@@ -1,0 +1,99 @@
+"""Session fixtures: the bundled model, and real aicc servers on loopback ports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from aicc.api.app import create_app
+from aicc.config import load_settings
+from aicc.engine.interface import EngineClient
+from aicc.store.local import BUNDLED_MODEL_NAME, ensure_bundled
+
+
+class LiveServer:
+    """aicc on 127.0.0.1, in a thread of the test process (so tests can read engine stats)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    @property
+    def base_url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    @property
+    def engine(self) -> EngineClient:
+        engine: EngineClient = self.app.state.engine
+        return engine
+
+    def wait_until_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"engine still busy: {self.engine.stats()}")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    ensure_bundled(path)
+    return path
+
+
+def start_server(model_dir: Path, **overrides: Any) -> LiveServer:
+    settings = load_settings(model=BUNDLED_MODEL_NAME, model_dir=model_dir, port=0, **overrides)
+    return LiveServer(create_app(settings)).start()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path) -> Iterator[LiveServer]:
+    """The main test server: 16 slots, room for the 16-stream tests."""
+    live = start_server(model_dir, max_batch_size=16, ctx_size=4096)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def deterministic_server(model_dir: Path) -> Iterator[LiveServer]:
+    """Batch-invariant mode: 16 slots with a KV stream of 256 cells each."""
+    live = start_server(model_dir, max_batch_size=16, ctx_size=4096, batch_invariant=True)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(model_dir: Path) -> Iterator[LiveServer]:
+    """One slot, one queue place, a short deadline: for overload and timeout tests."""
+    live = start_server(
+        model_dir, max_batch_size=1, max_queue=1, ctx_size=1024, request_timeout_s=3.0
+    )
+    yield live
+    live.stop()
