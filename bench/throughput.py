@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,20 +60,44 @@ class RequestResult:
 
 
 @dataclass(frozen=True, slots=True)
-class LevelResult:
-    server: str
-    concurrency: int
-    num_requests: int
-    num_tokens: int
+class Round:
+    """One burst: `concurrency` clients streaming until the request list is done."""
+
+    requests: tuple[RequestResult, ...]
     duration_s: float
-    ttft_median_ms: float
-    ttft_p99_ms: float
-    tpot_median_ms: float
-    tpot_p99_ms: float
 
     @property
     def tokens_per_s(self) -> float:
-        return self.num_tokens / self.duration_s
+        return sum(r.num_tokens for r in self.requests) / self.duration_s
+
+
+@dataclass(frozen=True, slots=True)
+class LevelResult:
+    """All rounds of one server at one concurrency: throughput is the median round's,
+    latency percentiles pool every request of every round."""
+
+    server: str
+    concurrency: int
+    rounds: tuple[Round, ...]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return statistics.median(r.tokens_per_s for r in self.rounds)
+
+    @property
+    def num_requests(self) -> int:
+        return sum(len(r.requests) for r in self.rounds)
+
+    def _all(self) -> list[RequestResult]:
+        return [request for r in self.rounds for request in r.requests]
+
+    @property
+    def ttft_ms(self) -> list[float]:
+        return sorted(r.ttft_s * 1000 for r in self._all())
+
+    @property
+    def tpot_ms(self) -> list[float]:
+        return sorted(t * 1000 for r in self._all() if (t := r.tpot_s) is not None)
 
 
 def free_port() -> int:
@@ -139,10 +163,12 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> Req
     return RequestResult(usage_tokens or num_chunks, (first or end) - start, end - start)
 
 
-async def run_level(url: str, server: str, model: str, concurrency: int) -> LevelResult:
+async def run_round(url: str, model: str, concurrency: int) -> Round:
     num_requests = max(concurrency, 4)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A fresh connection per request: llama-server closes kept-alive connections after a few
+    # requests, and a reused dead connection would fail a request for the client's sake.
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await one_request(client, model, "Warm up.")
         queue: asyncio.Queue[str] = asyncio.Queue()
@@ -156,70 +182,84 @@ async def run_level(url: str, server: str, model: str, concurrency: int) -> Leve
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        duration = time.perf_counter() - start
-    ttfts = sorted(r.ttft_s * 1000 for r in results)
-    tpots = sorted(t * 1000 for r in results if (t := r.tpot_s) is not None)
-    return LevelResult(
-        server=server,
-        concurrency=concurrency,
-        num_requests=num_requests,
-        num_tokens=sum(r.num_tokens for r in results),
-        duration_s=duration,
-        ttft_median_ms=statistics.median(ttfts),
-        ttft_p99_ms=_p99(ttfts),
-        tpot_median_ms=statistics.median(tpots) if tpots else float("nan"),
-        tpot_p99_ms=_p99(tpots) if tpots else float("nan"),
-    )
+        return Round(tuple(results), time.perf_counter() - start)
 
 
 def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
 
 
-def bench_server(
-    name: str, gguf: Path, levels: list[int], threads: int, workdir: Path
-) -> list[LevelResult]:
-    results = []
-    model = "bench-model"
-    ctx = 8192
-    if name == "llama-server":
-        binary = ensure_llama_server(workdir.parent / "llama-server-build")
-        for concurrency in levels:
-            port = free_port()
-            command = [
-                str(binary), "-m", str(gguf), "--port", str(port), "-t", str(threads),
-                "-np", str(concurrency), "-c", str(max(ctx, 256 * concurrency)), "-a", model,
-                "--no-webui",
-            ]  # fmt: skip
-            with running(command, port, workdir / f"{name}-{concurrency}.log") as url:
-                results.append(asyncio.run(run_level(url, name, model, concurrency)))
-                _print_row(results[-1])
-        return results
-    port = free_port()
+MODEL_ALIAS = "bench-model"
+CTX = 8192
+
+
+def server_command(name: str, gguf: Path, port: int, threads: int, concurrency: int) -> list[str]:
+    """How each server is started: same model file, threads and context."""
     if name == "aicc":
-        command = [
+        return [
             sys.executable, "-m", "aicc", "serve", "--model-path", str(gguf), "--port", str(port),
-            "--threads", str(threads), "--max-batch-size", str(max(levels)),
-            "--ctx-size", str(ctx), "--served-model-name", model,
+            "--threads", str(threads), "--max-batch-size", str(concurrency),
+            "--ctx-size", str(CTX), "--served-model-name", MODEL_ALIAS,
         ]  # fmt: skip
-    else:
-        command = [
+    if name == "llama-cpp-python":
+        return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
-            "--model_alias", model,
+            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX),
+            "--model_alias", MODEL_ALIAS,
         ]  # fmt: skip
-    with running(command, port, workdir / f"{name}.log") as url:
+    if name == "llama-server":
+        binary = ensure_llama_server(Path.home() / ".cache" / "aicc" / "llama-server-build")
+        return [
+            str(binary), "-m", str(gguf), "--port", str(port), "-t", str(threads),
+            "-np", str(concurrency), "-c", str(max(CTX, 256 * concurrency)), "-a", MODEL_ALIAS,
+            "--no-webui",
+        ]  # fmt: skip
+    raise SystemExit(f"unknown server {name!r}")
+
+
+def run_benchmark(
+    names: list[str], gguf: Path, levels: list[int], threads: int, rounds: int, workdir: Path
+) -> list[LevelResult]:
+    """Servers are measured in alternating rounds at each level, so that drift in the
+    machine's speed (shared hosts) falls on all of them alike. llama-server is restarted per
+    level with -np equal to the concurrency; the others serve every level from one process.
+    llama-cpp-python's server, slow at high concurrency, runs one round per level."""
+    results = []
+    with ExitStack() as stack:
+        urls: dict[str, str] = {}
+        for name in names:
+            if name != "llama-server":
+                port = free_port()
+                command = server_command(name, gguf, port, threads, max(levels))
+                urls[name] = stack.enter_context(running(command, port, workdir / f"{name}.log"))
         for concurrency in levels:
-            results.append(asyncio.run(run_level(url, name, model, concurrency)))
-            _print_row(results[-1])
+            with ExitStack() as level_stack:
+                if "llama-server" in names:
+                    port = free_port()
+                    command = server_command("llama-server", gguf, port, threads, concurrency)
+                    log = workdir / f"llama-server-{concurrency}.log"
+                    urls["llama-server"] = level_stack.enter_context(running(command, port, log))
+                collected: dict[str, list[Round]] = {name: [] for name in names}
+                for round_index in range(rounds):
+                    order = names[round_index % len(names) :] + names[: round_index % len(names)]
+                    for name in order:
+                        if name == "llama-cpp-python" and round_index > 0:
+                            continue
+                        collected[name].append(
+                            asyncio.run(run_round(urls[name], MODEL_ALIAS, concurrency))
+                        )
+                for name in names:
+                    results.append(LevelResult(name, concurrency, tuple(collected[name])))
+                    _print_row(results[-1])
     return results
 
 
 def _print_row(r: LevelResult) -> None:
+    ttft, tpot = r.ttft_ms, r.tpot_ms
     print(
-        f"{r.server:<17} {r.concurrency:>4} {r.num_requests:>5} {r.num_tokens:>7} "
-        f"{r.tokens_per_s:>9.1f} {r.ttft_median_ms:>9.0f} {r.ttft_p99_ms:>9.0f} "
-        f"{r.tpot_median_ms:>9.1f} {r.tpot_p99_ms:>9.1f}",
+        f"{r.server:<17} {r.concurrency:>4} {r.num_requests:>5} {r.tokens_per_s:>9.1f} "
+        f"{statistics.median(ttft):>9.0f} {_p99(ttft):>9.0f} "
+        f"{statistics.median(tpot):>9.1f} {_p99(tpot):>9.1f}",
         flush=True,
     )
 
@@ -236,7 +276,7 @@ def check_targets(results: list[LevelResult]) -> list[tuple[str, float, float, b
         if mine is None or theirs is None:
             return
         if ttft:
-            value = mine.ttft_median_ms / theirs.ttft_median_ms
+            value = statistics.median(mine.ttft_ms) / statistics.median(theirs.ttft_ms)
             checks.append((label, value, target, value <= target))
         else:
             value = mine.tokens_per_s / theirs.tokens_per_s
@@ -254,19 +294,20 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--peers", default="aicc,llama-cpp-python,llama-server")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "aicc" / "bench")
     args = parser.parse_args()
     levels = [int(level) for level in args.concurrency.split(",")]
     args.workdir.mkdir(parents=True, exist_ok=True)
     gguf = ensure_bundled(args.workdir / "models").path
     print(
-        f"model {gguf.name}, {args.threads} threads, {MAX_TOKENS} tokens per request\n"
-        f"{'server':<17} {'conc':>4} {'reqs':>5} {'tokens':>7} {'tok/s':>9} "
+        f"model {gguf.name}, {args.threads} threads, {MAX_TOKENS} tokens per request, "
+        f"{args.rounds} alternating rounds\n"
+        f"{'server':<17} {'conc':>4} {'reqs':>5} {'tok/s':>9} "
         f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}  (ms)"
     )
-    results: list[LevelResult] = []
-    for name in args.peers.split(","):
-        results += bench_server(name, gguf, levels, args.threads, args.workdir)
+    names = args.peers.split(",")
+    results = run_benchmark(names, gguf, levels, args.threads, args.rounds, args.workdir)
     checks = check_targets(results)
     print("\ntarget                                            measured  target  result")
     for label, value, target, met in checks:

@@ -68,8 +68,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1, le=256)
     """Most sequences decoded together in one engine step (continuous batching width)."""
 
-    max_batch_tokens: int = Field(default=512, ge=16, le=65536)
-    """Most tokens (decode + prefill chunks) one `llama_decode` call carries."""
+    max_batch_tokens: int = Field(default=128, ge=16, le=65536)
+    """Most tokens (decode + prefill chunks) one engine step carries. Small steps on CPU: a
+    burst of prompts is prefilled in several groups, so the first groups start streaming
+    early (median TTFT), running streams are never held up long, and prefill speed per token
+    is about the same as with larger chunks (measured on 2 cores: 1,891 tokens in ~8 s at 128
+    and at 512)."""
 
     ctx_size: int = Field(default=8192, ge=256, le=1048576)
     """KV cache cells shared by all running sequences; also caps one request's context."""

@@ -176,6 +176,23 @@ def test_sampling_parameters_are_accepted(client: openai.OpenAI) -> None:
     assert response.usage.completion_tokens <= 8
 
 
+def test_logit_bias_bans_the_greedy_token(client: openai.OpenAI, server: LiveServer) -> None:
+    prompt = "The capital of France is"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    first = free.choices[0].text
+    (token_id,) = server.engine.tokenize(first, add_special=False)
+    for temperature in (0.0, 0.5):  # the greedy fast path and the sampler chain
+        banned = client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=1,
+            temperature=temperature,
+            seed=3,
+            logit_bias={str(token_id): -100},
+        )
+        assert banned.choices[0].text != first
+
+
 def test_models_list(client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -202,6 +219,8 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         ("n", 2),
         ("stop", ["a", "b", "c", "d", "e"]),
         ("logit_bias", {"not-a-token": 1}),
+        ("logit_bias", {"999999999": 1}),
+        ("logit_bias", {"5": -101}),
         ("messages", []),
     ],
 )

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import httpx
+import llama_cpp
+import pytest
 
 from aicc.store.local import BUNDLED_MODEL_NAME
 
@@ -42,6 +44,14 @@ def test_unknown_model_is_reported(tmp_path: Path) -> None:
     result = aicc("serve", "--model", "no-such-model", env={"AICC_MODEL_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "no-such-model" in result.stderr
+
+
+@pytest.mark.skipif(llama_cpp.llama_supports_gpu_offload(), reason="this build can use a GPU")
+def test_cuda_on_a_cpu_only_build_says_what_to_do(model_dir: Path) -> None:
+    gguf = model_dir / f"{BUNDLED_MODEL_NAME}.gguf"
+    result = aicc("serve", "--model-path", str(gguf), "--device", "cuda", "--port", "0")
+    assert result.returncode == 2
+    assert "GGML_CUDA=on" in result.stderr
 
 
 def test_models_list_shows_bundled_and_model_dir(model_dir: Path) -> None:

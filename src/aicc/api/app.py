@@ -17,6 +17,7 @@ from aicc.api.openai import routes as openai_routes
 from aicc.api.openai.serving import OpenAIServing
 from aicc.config import Settings
 from aicc.engine.registry import create_engine
+from aicc.errors import AiccError
 from aicc.store.local import LocalModel, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,11 @@ def create_app(settings: Settings, model: LocalModel | None = None) -> FastAPI:
             local = await asyncio.to_thread(resolve_model, settings.model, settings.model_dir)
         served_name = settings.served_model_name or local.name
         engine = create_engine(settings, local.path, served_name)
-        await engine.start()
+        try:
+            await engine.start()
+        except AiccError as exc:
+            app.state.startup_error = exc  # the CLI reports it; uvicorn only logs it
+            raise
         app.state.engine = engine
         app.state.serving = OpenAIServing(engine, served_name, settings.max_stop_strings)
         logger.info("serving %s from %s", served_name, local.path)
@@ -40,11 +45,14 @@ def create_app(settings: Settings, model: LocalModel | None = None) -> FastAPI:
             yield
         finally:
             app.state.engine = None
+            app.state.serving = None
             await engine.shutdown()
 
     app = FastAPI(title="aicc", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = None
+    app.state.serving = None
+    app.state.startup_error = None
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai_routes.router)

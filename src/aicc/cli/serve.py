@@ -10,6 +10,7 @@ import uvicorn
 
 from aicc.api.app import create_app
 from aicc.config import Settings
+from aicc.errors import AiccError
 from aicc.store.local import BUNDLED_MODEL_NAME, resolve_model
 
 
@@ -28,7 +29,15 @@ def run_server(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
     )
-    asyncio.run(_serve(uvicorn.Server(config), settings.served_model_name or model.name))
+    server = uvicorn.Server(config)
+    try:
+        asyncio.run(_serve(server, settings.served_model_name or model.name))
+    except SystemExit:  # uvicorn exits when the app's start-up fails
+        if app.state.startup_error is None:
+            raise
+    if not server.started:
+        error = app.state.startup_error
+        raise error if error is not None else AiccError("the server failed to start")
 
 
 async def _serve(server: uvicorn.Server, model_name: str) -> None:

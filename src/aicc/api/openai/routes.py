@@ -12,13 +12,16 @@ from fastapi.responses import JSONResponse, Response
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.serving import OpenAIServing
 from aicc.api.sse import EventStreamResponse
+from aicc.errors import EngineUnavailableError
 
 router = APIRouter()
 T = TypeVar("T")
 
 
 def get_serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing = request.app.state.serving
+    serving: OpenAIServing | None = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise EngineUnavailableError("the model is still loading; retry shortly")
     return serving
 
 
@@ -29,7 +32,7 @@ Serving = Annotated[OpenAIServing, Depends(get_serving)]
 async def create_chat_completion(
     body: ChatCompletionRequest, serving: Serving, request: Request
 ) -> Response:
-    prepared = serving.start_chat(body)
+    prepared = await serving.start_chat(body)
     if body.stream:
         return EventStreamResponse(serving.chat_chunks(prepared))
     completion = await until_disconnected(request, serving.collect(prepared))
@@ -40,7 +43,7 @@ async def create_chat_completion(
 async def create_completion(
     body: CompletionRequest, serving: Serving, request: Request
 ) -> Response:
-    prepared = serving.start_completion(body)
+    prepared = await serving.start_completion(body)
     if body.stream:
         return EventStreamResponse(serving.completion_chunks(prepared))
     completion = await until_disconnected(request, serving.collect(prepared))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -64,14 +65,14 @@ class OpenAIServing:
         }
 
     # -- requests --------------------------------------------------------------------------
-    def start_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    async def start_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         self._check_model(body.model)
         messages = [_chat_message(message.role, message.text) for message in body.messages]
-        prompt = self.renderer.render(messages)
-        token_ids = self.engine.tokenize(prompt, add_special=False)
+        size = sum(len(message["content"]) for message in messages)
+        token_ids = await _off_loop_if_large(size, self._render_and_tokenize, messages)
         return self._start("chatcmpl", body, token_ids, body.completion_limit)
 
-    def start_completion(self, body: CompletionRequest) -> PreparedRequest:
+    async def start_completion(self, body: CompletionRequest) -> PreparedRequest:
         self._check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -79,8 +80,15 @@ class OpenAIServing:
             self._check_token_ids(token_ids)
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
-            token_ids = self.engine.tokenize(text, add_special=True)
+            token_ids = await _off_loop_if_large(len(text), self._tokenize_with_bos, text)
         return self._start("cmpl", body, token_ids, body.max_tokens)
+
+    def _render_and_tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        # The template writes the BOS token itself.
+        return self.engine.tokenize(self.renderer.render(messages), add_special=False)
+
+    def _tokenize_with_bos(self, text: str) -> list[int]:
+        return self.engine.tokenize(text, add_special=True)
 
     def _start(
         self, prefix: str, body: SamplingBody, token_ids: list[int], max_tokens: int | None
@@ -218,9 +226,20 @@ class OpenAIServing:
             frequency_penalty=body.frequency_penalty or 0.0,
             max_tokens=max_tokens,
             stop=stop,
-            logit_bias=_logit_bias(body.logit_bias),
+            logit_bias=_logit_bias(body.logit_bias, self.engine.model_info.vocab_size),
             ignore_eos=body.ignore_eos,
         )
+
+
+_LARGE_PROMPT_CHARS = 16384
+"""Prompts longer than this are rendered and tokenized in a worker thread (milliseconds of
+work that must not stall every other stream on the event loop)."""
+
+
+async def _off_loop_if_large(size: int, work: Callable[..., list[int]], *args: Any) -> list[int]:
+    if size > _LARGE_PROMPT_CHARS:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
 
 
 def _chat_message(role: str, text: str) -> dict[str, str]:
@@ -228,14 +247,16 @@ def _chat_message(role: str, text: str) -> dict[str, str]:
     return {"role": "system" if role == "developer" else role, "content": text}
 
 
-def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
     if not bias:
         return ()
     entries = []
     for key, value in bias.items():
-        if not key.isdigit() or not -100.0 <= value <= 100.0:
+        valid_key = key.isdigit() and int(key) < vocab_size
+        if not valid_key or not -100.0 <= value <= 100.0:
             raise InvalidRequestError(
-                f"logit_bias maps token ids to values in [-100, 100]; got {key!r}: {value}",
+                f"logit_bias maps token ids in [0, {vocab_size}) to values in [-100, 100]; "
+                f"got {key!r}: {value}",
                 param="logit_bias",
             )
         entries.append((int(key), value))

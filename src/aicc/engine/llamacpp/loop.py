@@ -172,7 +172,11 @@ class EngineLoop:
         self.scheduler.on_computed(chunks)
         for chunk, index in zip(chunks, logit_indices, strict=True):
             if index >= 0:
-                self._sample(self._streams[chunk.seq.request_id], index)
+                try:
+                    self._sample(self._streams[chunk.seq.request_id], index)
+                except Exception as exc:  # one request's failure must not stop the others
+                    logger.exception("sampling failed for %s", chunk.seq.request_id)
+                    self._abort(chunk.seq.request_id, exc)
         return True
 
     def _sample(self, stream: _Stream, batch_index: int) -> None:

@@ -32,6 +32,12 @@ class LlamaModel:
     def __init__(self, path: Path, name: str, config: ContextConfig) -> None:
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         llama_cpp.llama_backend_init()
+        if config.use_gpu and not llama_cpp.llama_supports_gpu_offload():
+            raise ModelLoadError(
+                "--device cuda needs llama-cpp-python built with CUDA: reinstall it with "
+                "CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir "
+                "llama-cpp-python==0.3.36, or use --device cpu"
+            )
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if config.use_gpu else 0
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
