@@ -51,6 +51,7 @@ class RequestResult:
     num_tokens: int
     ttft_s: float
     e2e_s: float
+    error: str | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -89,7 +90,11 @@ class LevelResult:
         return sum(len(r.requests) for r in self.rounds)
 
     def _all(self) -> list[RequestResult]:
-        return [request for r in self.rounds for request in r.requests]
+        return [request for r in self.rounds for request in r.requests if request.error is None]
+
+    @property
+    def num_failed(self) -> int:
+        return sum(request.error is not None for r in self.rounds for request in r.requests)
 
     @property
     def ttft_ms(self) -> list[float]:
@@ -134,6 +139,15 @@ def running(command: list[str], port: int, log: Path) -> Iterator[str]:
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> RequestResult:
+    """Stream one completion; a failure is recorded, not raised (and counts against targets)."""
+    start = time.perf_counter()
+    try:
+        return await _stream_completion(client, model, prompt)
+    except (httpx.HTTPError, ValueError) as exc:
+        return RequestResult(0, 0.0, time.perf_counter() - start, error=repr(exc))
+
+
+async def _stream_completion(client: httpx.AsyncClient, model: str, prompt: str) -> RequestResult:
     body = {
         "model": model,
         "prompt": prompt,
@@ -186,7 +200,13 @@ async def run_round(url: str, model: str, concurrency: int) -> Round:
 
 
 def _p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
     return values[min(len(values) - 1, round(0.99 * (len(values) - 1)))]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 MODEL_ALIAS = "bench-model"
@@ -206,6 +226,8 @@ def server_command(name: str, gguf: Path, port: int, threads: int, concurrency: 
             sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(CTX),
             "--model_alias", MODEL_ALIAS,
+            # By default it cuts a running stream when another request arrives.
+            "--interrupt_requests", "False",
         ]  # fmt: skip
     if name == "llama-server":
         binary = ensure_llama_server(Path.home() / ".cache" / "aicc" / "llama-server-build")
@@ -257,9 +279,10 @@ def run_benchmark(
 def _print_row(r: LevelResult) -> None:
     ttft, tpot = r.ttft_ms, r.tpot_ms
     print(
-        f"{r.server:<17} {r.concurrency:>4} {r.num_requests:>5} {r.tokens_per_s:>9.1f} "
-        f"{statistics.median(ttft):>9.0f} {_p99(ttft):>9.0f} "
-        f"{statistics.median(tpot):>9.1f} {_p99(tpot):>9.1f}",
+        f"{r.server:<17} {r.concurrency:>4} {r.num_requests:>5} {r.num_failed:>4} "
+        f"{r.tokens_per_s:>9.1f} "
+        f"{_median(ttft):>9.0f} {_p99(ttft):>9.0f} "
+        f"{_median(tpot):>9.1f} {_p99(tpot):>9.1f}",
         flush=True,
     )
 
@@ -276,7 +299,7 @@ def check_targets(results: list[LevelResult]) -> list[tuple[str, float, float, b
         if mine is None or theirs is None:
             return
         if ttft:
-            value = statistics.median(mine.ttft_ms) / statistics.median(theirs.ttft_ms)
+            value = _median(mine.ttft_ms) / _median(theirs.ttft_ms)
             checks.append((label, value, target, value <= target))
         else:
             value = mine.tokens_per_s / theirs.tokens_per_s
@@ -303,7 +326,7 @@ def main() -> int:
     print(
         f"model {gguf.name}, {args.threads} threads, {MAX_TOKENS} tokens per request, "
         f"{args.rounds} alternating rounds\n"
-        f"{'server':<17} {'conc':>4} {'reqs':>5} {'tok/s':>9} "
+        f"{'server':<17} {'conc':>4} {'reqs':>5} {'fail':>4} {'tok/s':>9} "
         f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}  (ms)"
     )
     names = args.peers.split(",")
@@ -312,7 +335,10 @@ def main() -> int:
     print("\ntarget                                            measured  target  result")
     for label, value, target, met in checks:
         print(f"{label:<48} {value:>8.2f} {target:>7.2f}  {'ok' if met else 'MISSED'}")
-    return 0 if all(met for *_, met in checks) else 1
+    failures = [f"{r.server}@{r.concurrency}" for r in results if r.num_failed]
+    if failures:
+        print("failed requests: " + ", ".join(failures))
+    return 0 if all(met for *_, met in checks) and not failures else 1
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class EngineLoop:
             arrival=self._num_arrived,
         )
         self._num_arrived += 1
-        eog = self.model.eog_token_ids() if request.params.ignore_eos else ()
+        eog = self.model.eog_token_ids if request.params.ignore_eos else ()
         sampler = SamplerChain(request.params, num_vocab=self.model.num_vocab, eog_token_ids=eog)
         detokenizer = IncrementalDetokenizer(request.params.stop)
         self._streams[request.request_id] = _Stream(seq, sampler, detokenizer, message.out)
