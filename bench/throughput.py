@@ -176,14 +176,18 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> Req
     return RequestResult(usage_tokens or num_chunks, (first or end) - start, end - start, error)
 
 
-async def run_round(url: str, model: str, concurrency: int) -> Round:
-    num_requests = max(concurrency, 4)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
+async def warm_up(url: str, model: str) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_request(client, model, "Warm up.")
+
+
+async def run_round(url: str, model: str, concurrency: int, round_index: int) -> Round:
+    """One burst of `concurrency` requests, all sent at once."""
+    prompts = [PROMPTS[(round_index + i) % len(PROMPTS)] for i in range(concurrency)]
     # A fresh connection per request: llama-server closes kept-alive connections after a few
     # requests, and a reused dead connection would fail a request for the client's sake.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_request(client, model, "Warm up.")
         queue: asyncio.Queue[str] = asyncio.Queue()
         for prompt in prompts:
             queue.put_nowait(prompt)
@@ -263,13 +267,20 @@ def run_benchmark(
                     log = workdir / f"llama-server-{concurrency}.log"
                     urls["llama-server"] = level_stack.enter_context(running(command, port, log))
                 collected: dict[str, list[Round]] = {name: [] for name in names}
-                for round_index in range(rounds):
+                for name in names:
+                    asyncio.run(warm_up(urls[name], MODEL_ALIAS))
+                # Short bursts, many of them at low concurrency: the host's speed drifts by
+                # +-10% within seconds, and fine interleaving spreads that over every server.
+                num_rounds = max(rounds, 16 // concurrency)
+                for round_index in range(num_rounds):
                     order = names[round_index % len(names) :] + names[: round_index % len(names)]
                     for name in order:
-                        if name.startswith("llama-cpp-python") and round_index > 0:
+                        if name.startswith("llama-cpp-python") and round_index >= 2:
                             continue
                         collected[name].append(
-                            asyncio.run(run_round(urls[name], MODEL_ALIAS, concurrency))
+                            asyncio.run(
+                                run_round(urls[name], MODEL_ALIAS, concurrency, round_index)
+                            )
                         )
                 for name in names:
                     results.append(LevelResult(name, concurrency, tuple(collected[name])))

@@ -54,6 +54,19 @@ def test_cuda_on_a_cpu_only_build_says_what_to_do(model_dir: Path) -> None:
     assert "GGML_CUDA=on" in result.stderr
 
 
+def test_config_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF")
+    config = tmp_path / "aicc.yaml"
+    config.write_text(f"model_dir: {tmp_path}\n")
+    result = aicc("models", "list", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "mine" in result.stdout
+    config.write_text("max_batch_size: -3\n")
+    result = aicc("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "max_batch_size=-3" in result.stderr
+
+
 def test_models_list_shows_bundled_and_model_dir(model_dir: Path) -> None:
     result = aicc("models", "list", env={"AICC_MODEL_DIR": str(model_dir)})
     assert result.returncode == 0, result.stderr
