@@ -55,12 +55,12 @@ def _banner(url: str, model: str) -> str:
     messages = '[{"role": "user", "content": "Hello!"}]'
     python = (
         f'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); '
-        f'print(c.chat.completions.create(model="{model}", messages={messages})'
-        ".choices[0].message.content)"
+        f'print(c.chat.completions.create(model="{model}", messages={messages}, '
+        "max_tokens=64).choices[0].message.content)"
     )
     return (
         f"\naicc is serving {model} at {url}\n\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f"""    -d '{{"model": "{model}", "messages": {messages}}}'\n\n"""
+        f"""    -d '{{"model": "{model}", "messages": {messages}, "max_tokens": 64}}'\n\n"""
         f"  python -c '{python}'\n"
     )
