@@ -74,3 +74,38 @@ def test_template_rejection_is_a_client_error() -> None:
     renderer = ChatRenderer(make_info("gemma3"))
     with pytest.raises(InvalidRequestError, match="not tool"):
         renderer.render([{"role": "tool", "content": "x"}])
+
+
+HERMES_TEMPLATE = (
+    "{% for tool in tools or [] %}{{ tool['function']['name'] | tojson }};{% endfor %}"
+    "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}:{{ 'tool_calls' in m }}]"
+    "{% endfor %}{% if add_generation_prompt %}<tool_call>?{% endif %}"
+)
+
+
+def test_tools_reach_the_template_and_absent_tool_calls_are_absent() -> None:
+    renderer = ChatRenderer(make_info("qwen2", HERMES_TEMPLATE))
+    tools = [{"type": "function", "function": {"name": "f<x>", "parameters": {}}}]
+    messages = [{"role": "user", "content": "hi", "tool_calls": None}]
+    assert renderer.render(messages, tools=tools) == '"f<x>";[user:hi:False]<tool_call>?'
+    assert renderer.supports_tools
+    assert renderer.tool_call_format == "hermes"
+    assert not renderer.starts_in_reasoning
+
+
+def test_builtin_without_tools_support() -> None:
+    renderer = ChatRenderer(make_info("qwen2"))
+    assert not renderer.supports_tools
+    assert renderer.tool_call_format == "hermes"
+
+
+def test_python_errors_inside_a_template_are_client_errors() -> None:
+    # Official templates concatenate with `+`, which raises TypeError on a missing content.
+    renderer = ChatRenderer(make_info("qwen2", "{{ 'x' + messages[0]['content'] }}"))
+    with pytest.raises(InvalidRequestError, match="rejected"):
+        renderer.render([{"role": "user", "content": None}])
+
+
+def test_reasoning_prompt_is_detected_from_the_rendered_prompt() -> None:
+    template = "{{ messages[0]['content'] }}{% if add_generation_prompt %}<think>\n{% endif %}"
+    assert ChatRenderer(make_info("qwen2", template)).starts_in_reasoning
