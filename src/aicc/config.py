@@ -87,8 +87,33 @@ class Settings(BaseSettings):
     in a call of its own (no shared matmuls), and each slot gets its own KV stream of
     ctx_size / max_batch_size cells, which also caps one request's context."""
 
+    prefix_cache: bool = True
+    """Keep finished requests' KV cache and reuse it for later prompts that start with the same
+    tokens (a shared system prompt, the earlier turns of a chat): only the new tokens are
+    computed. Cached prefixes are evicted least-recently-used when the KV budget needs room."""
+
+    prefix_cache_entries: int = Field(default=32, ge=0, le=224)
+    """Most finished prefixes kept in the KV cache at once."""
+
+    prefix_cache_scope: Literal["tenant", "global"] = "tenant"
+    """`tenant`: a request reuses only prefixes cached by the same tenant (API key), so the
+    speed of a cache hit cannot reveal another tenant's prompts (CVE-2025-46570's class).
+    `global`: any request reuses any prefix — faster for shared system prompts across tenants,
+    safe only when all callers trust each other."""
+
+    max_n: int = Field(default=8, ge=1, le=128)
+    """Most choices (`n`) one request may ask for; they share the prompt's KV cache."""
+
+    reasoning_parser: Literal["auto", "deepseek_r1", "none"] = "auto"
+    """Split `<think>…</think>` reasoning into `reasoning_content` (as DeepSeek's API does):
+    `auto` when the model's chat template uses `<think>`, `deepseek_r1` always, `none` never."""
+
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
     """Largest request body accepted; larger bodies get 413."""
+
+    embedding_ctx_size: int = Field(default=2048, ge=64, le=1048576)
+    """Longest input `/v1/embeddings` accepts, in tokens (capped by the model's training
+    context). Its context is created on the first embeddings request, beside the chat one."""
 
     max_stop_strings: int = Field(default=4, ge=0, le=64)
     """Most stop strings one request may give."""
@@ -110,7 +135,22 @@ class Settings(BaseSettings):
                 f"max_batch_size ({self.max_batch_size}): every running sequence decodes "
                 "one token per step"
             )
+        if self.max_batch_size + self.prefix_cache_entries > 256:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) + prefix_cache_entries "
+                f"({self.prefix_cache_entries}) must be at most 256 (llama.cpp's sequence limit)"
+            )
         return self
+
+    @property
+    def num_prefix_slots(self) -> int:
+        """llama.cpp sequence ids for shared prefixes: cached ones, plus one per running
+        request so that `n` choices can always share their prompt. None in deterministic mode,
+        where each sequence keeps a KV stream of its own."""
+        if self.batch_invariant:
+            return 0
+        wanted = self.max_batch_size + (self.prefix_cache_entries if self.prefix_cache else 0)
+        return min(wanted, 256 - self.max_batch_size)
 
     @classmethod
     def settings_customise_sources(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from aicc.engine.prefix_cache import KvCopy, KvOp
 from aicc.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from aicc.engine.sequence import Sequence, SequenceStatus
 from aicc.engine.types import FinishReason
@@ -45,35 +46,59 @@ def make_requests(count: int, prompt_len: int = 4, max_tokens: int = 3) -> list[
 
 @dataclass
 class FakeRunner:
-    """Keeps a KV cache as {slot: [tokens]} and 'samples' len(kv) + 100 (never EOS)."""
+    """A KV cache of shared cells: {seq_id: [(cell, token)]}; copies share cell identities as
+    llama.cpp's unified cache does. 'Samples' len(kv) + 100 (never EOS)."""
 
-    kv: dict[int, list[int]] = field(default_factory=dict)
+    kv: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     steps: list[SchedulerOutput] = field(default_factory=list)
+    num_cells_made: int = 0
 
-    def release(self, slot: int) -> None:
-        self.kv.pop(slot, None)
+    def apply(self, ops: list[KvOp]) -> None:
+        for op in ops:
+            if isinstance(op, KvCopy):
+                assert not self.kv.get(op.dst), "copies go into empty sequences"
+                assert len(self.kv[op.src]) >= op.num_tokens
+                self.kv[op.dst] = self.kv[op.src][: op.num_tokens]
+            else:
+                self.kv.pop(op.seq_id, None)
+
+    @property
+    def num_cells(self) -> int:
+        return len({cell for cells in self.kv.values() for cell, _ in cells})
+
+    def check_accounting(self, scheduler: Scheduler, *, is_scheduled: bool) -> None:
+        """Never fewer cells counted than used; within capacity once a step is scheduled
+        (sampled tokens claim a cell each until the next schedule() makes room)."""
+        assert self.num_cells <= scheduler.num_kv_cells_used
+        if is_scheduled:
+            assert scheduler.num_kv_cells_used <= scheduler.config.num_kv_cells
 
     def step(self, scheduler: Scheduler) -> list[tuple[Sequence, FinishReason]]:
         """One engine step, the way the llama.cpp loop runs it. Returns finished sequences."""
         output = scheduler.schedule()
-        assert scheduler.num_kv_cells_used <= scheduler.config.num_kv_cells
-        for slot in output.freed_slots:
-            self.release(slot)
+        self.apply(scheduler.take_kv_ops())
+        self.check_accounting(scheduler, is_scheduled=True)
         self.steps.append(output)
         for chunk in output.chunks:
             cache = self.kv.setdefault(chunk.seq.slot, [])
             assert len(cache) == chunk.start, "chunks must continue where the KV cache ends"
-            cache.extend(chunk.token_ids)
+            assert [token for _, token in cache] == chunk.seq.token_ids(0, chunk.start)
+            for token in chunk.token_ids:
+                self.num_cells_made += 1
+                cache.append((self.num_cells_made, token))
         scheduler.on_computed(output.chunks)
         finished = []
         for chunk in output.chunks:
             if chunk.needs_logits:
-                seq = chunk.seq
-                token = len(self.kv[seq.slot]) + 100
-                reason = scheduler.append_token(seq, token, is_eog=token == EOS)
-                if reason is not None:
-                    self.release(scheduler.finish(seq, reason))
-                    finished.append((seq, reason))
+                for seq in (chunk.seq, *scheduler.fork(chunk.seq)):
+                    self.apply(scheduler.take_kv_ops())
+                    token = len(self.kv[chunk.seq.slot]) + 100 + seq.index
+                    reason = scheduler.append_token(seq, token, is_eog=token == EOS)
+                    if reason is not None:
+                        scheduler.finish(seq, reason)
+                        finished.append((seq, reason))
+        self.apply(scheduler.take_kv_ops())
+        self.check_accounting(scheduler, is_scheduled=False)
         return finished
 
     def run(self, scheduler: Scheduler, max_steps: int = 1000) -> list[Sequence]:
@@ -146,11 +171,9 @@ def test_abort_frees_slot_and_kv_within_one_step() -> None:
     runner.step(scheduler)
     runner.step(scheduler)
     assert scheduler.num_running == 1
-    found = scheduler.abort("r0")
-    assert found is not None
-    seq, slot = found
+    (seq,) = scheduler.abort("r0")
     assert seq.finish_reason is FinishReason.ABORT
-    runner.release(slot)
+    runner.apply(scheduler.take_kv_ops())
     assert scheduler.num_running == 0
     runner.step(scheduler)
     assert scheduler.running == [second], "the freed slot is reused at the next step"
@@ -163,9 +186,9 @@ def test_abort_of_waiting_and_unknown_requests() -> None:
     scheduler.add(first)
     scheduler.add(second)
     scheduler.schedule()
-    assert scheduler.abort("r1") == (second, -1)
+    assert scheduler.abort("r1") == [second]
     assert scheduler.num_waiting == 0
-    assert scheduler.abort("nope") is None
+    assert scheduler.abort("nope") == []
 
 
 def test_kv_budget_blocks_admission() -> None:
@@ -261,3 +284,159 @@ def test_isolated_prefill_chunks_do_not_depend_on_load() -> None:
     alone = prefill_chunks(0)
     assert alone[:3] == [(0, 8), (8, 8), (16, 4)]
     assert prefill_chunks(5) == alone
+
+
+def make_sharing_scheduler(
+    num_kv_cells: int = 256,
+    is_prefix_caching: bool = True,
+    num_prefix_slots: int = 6,
+    **kwargs: bool,
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            num_kv_cells=num_kv_cells,
+            max_model_len=num_kv_cells,
+            num_prefix_slots=num_prefix_slots,
+            is_prefix_caching=is_prefix_caching,
+            min_shared_running_prefix=8,
+            **kwargs,
+        )
+    )
+
+
+def make_prompt(request_id: str, tokens: list[int], arrival: int, scope: str = "") -> Sequence:
+    return Sequence(request_id, tokens, max_tokens=3, arrival=arrival, cache_scope=scope)
+
+
+SYSTEM = list(range(1, 41))
+
+
+def test_a_finished_prefix_is_reused_by_the_next_request() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    first = make_prompt("a", [*SYSTEM, 50, 51], 0)
+    scheduler.add(first)
+    runner.run(scheduler)
+    computed_before = runner.num_cells_made
+    second = make_prompt("b", [*SYSTEM, 60, 61, 62], 1)
+    scheduler.add(second)
+    runner.run(scheduler)
+    # Only the 3 new prompt tokens and 2 decodes were computed; the 40 shared ones were not.
+    assert runner.num_cells_made - computed_before == 3 + 2
+    assert scheduler.prefixes.num_hit_tokens == 40
+    assert second.output_token_ids == [143, 144, 145], "same tokens as without the cache"
+
+
+def test_a_repeated_prompt_recomputes_only_its_last_token() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    for i in range(2):
+        scheduler.add(make_prompt(f"r{i}", SYSTEM, i))
+        runner.run(scheduler)
+    assert scheduler.prefixes.num_hit_tokens == 39
+
+
+def test_prefixes_are_not_shared_across_scopes_by_default() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    scheduler.add(make_prompt("a", [*SYSTEM, 50], 0, scope="tenant-a"))
+    runner.run(scheduler)
+    scheduler.add(make_prompt("b", [*SYSTEM, 60], 1, scope="tenant-b"))
+    runner.run(scheduler)
+    assert scheduler.prefixes.num_hit_tokens == 0
+    scheduler.add(make_prompt("c", [*SYSTEM, 70], 2, scope="tenant-a"))
+    runner.run(scheduler)
+    assert scheduler.prefixes.num_hit_tokens == 40
+
+    shared = make_sharing_scheduler(is_prefix_shared_across_scopes=True)
+    runner = FakeRunner()
+    shared.add(make_prompt("a", [*SYSTEM, 50], 0, scope="tenant-a"))
+    runner.run(shared)
+    shared.add(make_prompt("b", [*SYSTEM, 60], 1, scope="tenant-b"))
+    runner.run(shared)
+    assert shared.prefixes.num_hit_tokens == 40
+
+
+def test_no_reuse_when_prefix_caching_is_off() -> None:
+    scheduler = make_sharing_scheduler(is_prefix_caching=False)
+    runner = FakeRunner()
+    for i in range(2):
+        scheduler.add(make_prompt(f"r{i}", [*SYSTEM, 50 + i], i))
+        runner.run(scheduler)
+    assert scheduler.prefixes.num_hit_tokens == 0
+    assert runner.kv == {}, "nothing is kept"
+
+
+def test_a_running_sequences_prompt_is_shared_with_a_newcomer() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    long_running = Sequence("a", [*SYSTEM, 50], max_tokens=30, arrival=0)
+    scheduler.add(long_running)
+    for _ in range(4):
+        runner.step(scheduler)
+    assert long_running.is_decoding
+    scheduler.add(make_prompt("b", [*SYSTEM, 60], 1))
+    runner.run(scheduler)
+    assert scheduler.prefixes.num_hit_tokens == 40
+    assert long_running.output_token_ids[:3] == [141, 142, 143]
+
+
+def test_lru_eviction_makes_room_and_keeps_accounting_exact() -> None:
+    scheduler = make_sharing_scheduler(num_kv_cells=120)
+    runner = FakeRunner()
+    for i in range(8):  # distinct 40-token prompts: the cache must evict to admit them
+        scheduler.add(make_prompt(f"r{i}", [1000 * (i + 1) + t for t in range(40)], i))
+        runner.run(scheduler)
+    assert scheduler.num_kv_cells_used <= 120
+    assert len(scheduler.prefixes.entries) <= 2
+    scheduler.prefixes.clear(scheduler._kv_ops)
+    runner.apply(scheduler.take_kv_ops())
+    assert runner.kv == {}
+
+
+def test_n_choices_share_the_prompt_and_sample_from_the_same_logits() -> None:
+    for caching in (True, False):
+        scheduler = make_sharing_scheduler(is_prefix_caching=caching)
+        runner = FakeRunner()
+        parent, *forks = (
+            Sequence("n", list(SYSTEM), max_tokens=3, arrival=0, index=i) for i in range(3)
+        )
+        parent.forks = forks
+        scheduler.add(parent)
+        runner.run(scheduler)
+        assert runner.num_cells_made == 40 + 3 * 2, "the prompt is computed once"
+        for seq in (parent, *forks):
+            assert seq.finish_reason is FinishReason.LENGTH
+            # The first token comes from the shared prompt logits, the rest from each own KV.
+            assert seq.output_token_ids == [140 + seq.index, 141 + seq.index, 142 + seq.index]
+        if not caching:
+            assert runner.kv == {}, "the shared prompt is dropped with its last user"
+
+
+def test_n_choices_need_slots_for_all_and_abort_together() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    other = Sequence("other", [7, 8], max_tokens=50, arrival=0)
+    scheduler.add(other)
+    runner.step(scheduler)
+    parent, *forks = (Sequence("n", [1, 2, 3], 10, arrival=1, index=i) for i in range(4))
+    parent.forks = forks
+    scheduler.add(parent)
+    runner.step(scheduler)
+    assert parent.status is SequenceStatus.WAITING, "4 choices need 4 free slots"
+    scheduler.abort("other")
+    runner.apply(scheduler.take_kv_ops())
+    runner.step(scheduler)
+    runner.step(scheduler)
+    assert scheduler.num_running == 4
+    assert len(scheduler.abort("n")) == 4
+    runner.apply(scheduler.take_kv_ops())
+    assert scheduler.num_running == 0
+    assert scheduler._free_slots == [0, 1, 2, 3]
+
+
+def test_n_choices_without_prefix_slots_prefill_independently() -> None:
+    scheduler = make_sharing_scheduler(num_prefix_slots=0)
+    assert not scheduler.can_fork

@@ -37,3 +37,21 @@ class EngineClient(Protocol):
     def health(self) -> EngineHealth: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def embedding_size(self) -> int:
+        """Length of the vectors `embed` returns. Raises `EngineUnavailableError` if stopped."""
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One unit-length (L2) vector per input of token ids, in order.
+
+        Raises `InvalidRequestError` for no inputs, an empty input or ids outside the vocabulary,
+        `ContextLengthExceededError` for an input longer than the embeddings context,
+        `RequestTimeoutError`, and `EngineUnavailableError` when stopped.
+        """
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens rendered as their text (`<bos>`).
+
+        Raises `InvalidRequestError` for ids outside the vocabulary.
+        """

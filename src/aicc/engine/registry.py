@@ -21,6 +21,7 @@ def create_engine(settings: Settings, model_path: Path, model_name: str) -> Engi
         num_threads=settings.threads,
         use_gpu=settings.device == "cuda",
         batch_invariant=settings.batch_invariant,
+        num_prefix_slots=settings.num_prefix_slots,
     )
     return LlamaCppEngine(
         LlamaCppConfig(
@@ -30,5 +31,8 @@ def create_engine(settings: Settings, model_path: Path, model_name: str) -> Engi
             max_queue=settings.max_queue,
             request_timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
+            embedding_ctx_size=settings.embedding_ctx_size,
+            prefix_caching=settings.prefix_cache and settings.prefix_cache_entries > 0,
+            prefix_shared_across_scopes=settings.prefix_cache_scope == "global",
         )
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from aicc.engine.prefix_cache import CachedPrefix
 from aicc.engine.types import FinishReason
 
 
@@ -33,6 +34,16 @@ class Sequence:
     num_computed: int = 0
     """Tokens already in the KV cache. Reset to 0 when preempted (recomputed on return)."""
     finish_reason: FinishReason | None = None
+    index: int = 0
+    """Which of its request's `n` choices this sequence generates."""
+    cache_scope: str = ""
+    """Prefix-cache partition (tenant) this sequence may share prefixes with."""
+    num_borrowed: int = 0
+    """Leading KV cells borrowed from `borrowed_from` (a cached prefix) instead of owned."""
+    borrowed_from: CachedPrefix | None = None
+    forks: list[Sequence] = field(default_factory=list)
+    """The request's other choices, waiting for this sequence's prompt to be computed; they
+    then copy its KV and sample from the same logits. They hold slots but are not running."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -45,6 +56,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_kv_cells(self) -> int:
+        """KV cells this sequence owns or has claimed (its whole known token list)."""
+        return self.num_tokens - self.num_borrowed
 
     @property
     def num_uncomputed(self) -> int:

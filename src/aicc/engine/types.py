@@ -39,6 +39,14 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
     """Keep generating past end-of-generation tokens (benchmarks)."""
+    n: int = 1
+    """Completions to generate for the prompt; they share the prompt's KV cache."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: the sampled token's plus the k most likely."""
+    grammar: str | None = None
+    """GBNF (start rule `root`) the output must match, e.g. compiled from a JSON schema."""
+    render_special: bool = False
+    """Render special tokens (e.g. `<｜tool▁calls▁begin｜>`) as text, for output parsers."""
 
     @property
     def is_greedy(self) -> bool:
@@ -52,6 +60,26 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    cache_scope: str = ""
+    """Prefix-cache partition: a request reuses cached prompt prefixes only from requests of
+    the same scope (a tenant), so cache-hit timing cannot reveal another tenant's prompts."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The log-probability of one sampled token under the model, and its top alternatives."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +90,12 @@ class TokenEvent:
     """Newly released text (may be empty while bytes or a possible stop string are held)."""
     num_prompt_tokens: int
     num_generated_tokens: int
-    """Tokens generated so far, including this step's."""
+    """Tokens generated so far for this choice, including this step's."""
     finish_reason: FinishReason | None = None
+    index: int = 0
+    """Which of the request's `n` choices this event belongs to."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Of the tokens sampled in this event (when the request asked for them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +103,19 @@ class ModelInfo:
     """What the gateway needs to know about the loaded model."""
 
     name: str
+    """The name the model is served under."""
     path: str
     architecture: str
+    """GGUF `general.architecture`, e.g. gemma3, qwen2, deepseek2."""
     max_context: int
     """Most tokens (prompt + completion) one request may use."""
     vocab_size: int
     chat_template: str | None
     bos_token: str
     eos_token: str
+    general_name: str = ""
+    """GGUF `general.name` (e.g. "DeepSeek R1 Distill Qwen 7B"): tells model families apart
+    that share an architecture."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +130,10 @@ class EngineStats:
     kv_cells_total: int
     num_steps: int
     num_preemptions: int
+    num_cached_prefixes: int
+    """Finished prefixes kept in the KV cache for reuse."""
+    num_prefix_hit_tokens: int
+    """Prompt tokens taken from the prefix cache instead of being computed, since start."""
     num_finished: int
     num_aborted: int
     last_step_batch_size: int

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
+
+from aicc.engine.llamacpp.embedder import EmbedderConfig, EmbeddingManager, embedding_ctx_size
 from aicc.engine.llamacpp.loop import Abort, Delivery, EngineLoop, Stop, StreamItem, Submit
 from aicc.engine.llamacpp.model import ContextConfig, LlamaModel
 from aicc.engine.llamacpp.runner import BatchRunner
+from aicc.engine.llamacpp.sampler import GrammarError, new_grammar
 from aicc.engine.scheduler import Scheduler, SchedulerConfig
 from aicc.engine.types import (
     EngineHealth,
     EngineStats,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
     TokenEvent,
 )
 from aicc.errors import (
+    AiccError,
     ContextLengthExceededError,
     EngineUnavailableError,
     InvalidRequestError,
@@ -28,6 +35,10 @@ from aicc.errors import (
 
 _STALL_LIMIT_S = 120.0
 """A loop that has not ticked for this long is reported not ready."""
+_MAX_EMBEDDING_SEQS = 64
+"""Sequence ids of the embeddings context (inputs embedded together, plus one for padding)."""
+_INVARIANT_EMBEDDING_BATCH = 64
+"""Rows per embeddings decode call in batch-invariant mode (see `embedder.py`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +49,10 @@ class LlamaCppConfig:
     max_queue: int
     request_timeout_s: float
     retry_after_s: int
+    prefix_caching: bool = False
+    prefix_shared_across_scopes: bool = False
+    embedding_ctx_size: int = 2048
+    """Asked size of the embeddings context (capped by the model's training context)."""
 
 
 class LlamaCppEngine:
@@ -49,6 +64,7 @@ class LlamaCppEngine:
         self._loop_runner: EngineLoop | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._num_outstanding = 0
+        self._embeddings: EmbeddingManager | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -65,11 +81,18 @@ class LlamaCppEngine:
                 num_kv_cells=model.num_ctx,
                 max_model_len=model.info.max_context,
                 is_batch_invariant=config.context.batch_invariant,
+                num_prefix_slots=config.context.num_prefix_slots,
+                is_prefix_caching=config.prefix_caching,
+                is_prefix_shared_across_scopes=config.prefix_shared_across_scopes,
             )
         )
         runner = BatchRunner(model, config.context.num_batch)
         self._loop_runner = EngineLoop(model, runner, scheduler, self._deliver_threadsafe)
         self._loop_runner.thread.start()
+        # Cheap: the embeddings context itself is created on the first embeddings request.
+        self._embeddings = EmbeddingManager(
+            model, self._embedder_config(model), config.request_timeout_s
+        )
 
     async def shutdown(self) -> None:
         engine_loop = self._loop_runner
@@ -78,6 +101,9 @@ class LlamaCppEngine:
             await asyncio.to_thread(engine_loop.thread.join)
             engine_loop.runner.close()
             self._loop_runner = None
+        if self._embeddings is not None:
+            await self._embeddings.close()
+            self._embeddings = None
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -93,6 +119,7 @@ class LlamaCppEngine:
     def generate(self, request: GenerationRequest) -> RequestStream:
         engine_loop = self._require_loop()
         max_tokens = self._check_fits(request)
+        self._check_params(request.params)
         max_outstanding = self.config.context.num_seq + self.config.max_queue
         if self._num_outstanding >= max_outstanding:
             raise QueueFullError(
@@ -104,7 +131,7 @@ class LlamaCppEngine:
         self._num_outstanding += 1
         engine_loop.inbox.put(Submit(request, max_tokens, out))
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
-        return RequestStream(self, request.request_id, out, deadline)
+        return RequestStream(self, request.request_id, out, deadline, request.params.n)
 
     def abort(self, request_id: str) -> None:
         if self._loop_runner is not None:
@@ -133,10 +160,38 @@ class LlamaCppEngine:
             kv_cells_total=scheduler.config.num_kv_cells,
             num_steps=counters.num_steps,
             num_preemptions=scheduler.num_preemptions,
+            num_cached_prefixes=scheduler.prefixes.num_shareable,
+            num_prefix_hit_tokens=scheduler.prefixes.num_hit_tokens,
             num_finished=counters.num_finished,
             num_aborted=counters.num_aborted,
             last_step_batch_size=counters.last_step_batch_size,
         )
+
+    @property
+    def embedding_size(self) -> int:
+        return self._require_embeddings().embedding_size
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        return await self._require_embeddings().embed(inputs)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        model = self._require_model()
+        if any(token < 0 or token >= model.num_vocab for token in token_ids):
+            # Checked here: llama.cpp aborts the process on an out-of-range id.
+            raise InvalidRequestError(
+                f"token ids must lie in [0, {model.num_vocab})", param="tokens"
+            )
+        tokens = (llama_cpp.llama_token * len(token_ids))(*token_ids)
+        capacity = 16 * len(token_ids) + 16
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(capacity)
+            size = llama_cpp.llama_detokenize(
+                model.vocab, tokens, len(token_ids), buffer, capacity, False, True
+            )
+            if size >= 0:
+                return buffer.raw[:size].decode("utf-8", errors="replace")
+            capacity = -size  # the size it needs
+        raise AiccError("llama_detokenize kept asking for a larger buffer")
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_fits(self, request: GenerationRequest) -> int:
@@ -156,6 +211,21 @@ class LlamaCppEngine:
             )
         return asked if asked is not None else max_context - num_prompt
 
+    def _check_params(self, params: SamplingParams) -> None:
+        """Refuse what the engine cannot do before it reaches the engine thread."""
+        if params.n > self.config.context.num_seq:
+            raise InvalidRequestError(
+                f"n={params.n} exceeds this server's batch of {self.config.context.num_seq}",
+                param="n",
+            )
+        if params.grammar is not None:
+            try:  # parse once here, so a bad grammar is a 400 and not a failed stream
+                llama_cpp.llama_sampler_free(
+                    new_grammar(self._require_model().vocab, params.grammar)
+                )
+            except GrammarError as exc:
+                raise InvalidRequestError(f"the output grammar is invalid: {exc}") from None
+
     def _deliver_threadsafe(self, items: Delivery) -> None:
         """Called on the engine thread: hand one step's events to the event loop at once."""
         assert self._event_loop is not None
@@ -165,6 +235,21 @@ class LlamaCppEngine:
         self._num_outstanding -= 1
         if abort:
             self.abort(request_id)
+
+    def _embedder_config(self, model: LlamaModel) -> EmbedderConfig:
+        context = self.config.context
+        num_batch = _INVARIANT_EMBEDDING_BATCH if context.batch_invariant else context.num_batch
+        return EmbedderConfig(
+            num_ctx=embedding_ctx_size(model, self.config.embedding_ctx_size),
+            num_batch=num_batch,
+            max_num_seqs=min(_MAX_EMBEDDING_SEQS, num_batch),
+            num_threads=context.num_threads,
+        )
+
+    def _require_embeddings(self) -> EmbeddingManager:
+        if self._embeddings is None:
+            raise EngineUnavailableError("the model is not loaded")
+        return self._embeddings
 
     def _require_model(self) -> LlamaModel:
         if self._model is None:
@@ -187,11 +272,14 @@ class RequestStream:
         request_id: str,
         out: asyncio.Queue[StreamItem],
         deadline: float,
+        num_choices: int = 1,
     ) -> None:
         self._engine = engine
         self._request_id = request_id
         self._out = out
         self._deadline = deadline
+        self._num_open = num_choices
+        """Choices not finished yet; the stream ends when the last one does."""
         self._is_done = False
 
     def __aiter__(self) -> RequestStream:
@@ -215,7 +303,9 @@ class RequestStream:
             self._close(abort=False)
             raise EngineUnavailableError(f"the engine failed: {item}") from item
         if item.finish_reason is not None:
-            self._close(abort=False)
+            self._num_open -= 1
+            if self._num_open == 0:
+                self._close(abort=False)
         return item
 
     async def aclose(self) -> None:

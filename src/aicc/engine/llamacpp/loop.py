@@ -8,15 +8,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aicc.engine.detokenizer import IncrementalDetokenizer
 from aicc.engine.llamacpp.model import LlamaModel
 from aicc.engine.llamacpp.runner import BatchRunner, DecodeError, KvCacheFullError
-from aicc.engine.llamacpp.sampler import SamplerChain
+from aicc.engine.llamacpp.sampler import SamplerChain, token_logprob
 from aicc.engine.scheduler import ScheduledChunk, Scheduler
 from aicc.engine.sequence import Sequence
-from aicc.engine.types import FinishReason, GenerationRequest, TokenEvent
+from aicc.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +48,21 @@ class Stop:
     """Ends the loop; everything still running is aborted."""
 
 
-@dataclass(slots=True)
-class _Stream:
+@dataclass(slots=True, eq=False)
+class _Choice:
+    """One of a request's `n` generations."""
+
     seq: Sequence
     sampler: SamplerChain
     detokenizer: IncrementalDetokenizer
+    request: _Request
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    params: SamplingParams
     out: asyncio.Queue[StreamItem]
+    choices: list[_Choice] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -75,7 +90,8 @@ class EngineLoop:
         self.scheduler = scheduler
         self.inbox: queue.SimpleQueue[Submit | Abort | Stop] = queue.SimpleQueue()
         self._deliver = deliver
-        self._streams: dict[str, _Stream] = {}
+        self._requests: dict[str, _Request] = {}
+        self._choices: dict[Sequence, _Choice] = {}
         self._num_arrived = 0
         self._pending: Delivery = []
         self.counters = LoopCounters()
@@ -94,7 +110,7 @@ class EngineLoop:
             logger.exception("engine loop died")
             self.error = exc
         finally:
-            for request_id in list(self._streams):
+            for request_id in list(self._requests):
                 self._abort(request_id, self.error)
             self._flush()
 
@@ -117,48 +133,71 @@ class EngineLoop:
                 self._abort(message.request_id, None)
 
     def _submit(self, message: Submit) -> None:
-        request = message.request
-        seq = Sequence(
-            request_id=request.request_id,
-            prompt_token_ids=list(request.prompt_token_ids),
-            max_tokens=message.max_tokens,
-            arrival=self._num_arrived,
-        )
+        request, params = message.request, message.request.params
+        state = _Request(params, message.out)
+        eog = self.model.eog_token_ids if params.ignore_eos else ()
+        for index in range(params.n):
+            seq = Sequence(
+                request_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                max_tokens=message.max_tokens,
+                arrival=self._num_arrived,
+                index=index,
+                cache_scope=request.cache_scope,
+            )
+            # Choices of one seeded request must differ from each other, yet be reproducible.
+            seed = None if params.seed is None else params.seed + index
+            sampler = SamplerChain(
+                params,
+                num_vocab=self.model.num_vocab,
+                eog_token_ids=eog,
+                seed=seed,
+                vocab=self.model.vocab,
+            )
+            choice = _Choice(seq, sampler, IncrementalDetokenizer(params.stop), state)
+            state.choices.append(choice)
+            self._choices[seq] = choice
         self._num_arrived += 1
-        eog = self.model.eog_token_ids if request.params.ignore_eos else ()
-        sampler = SamplerChain(request.params, num_vocab=self.model.num_vocab, eog_token_ids=eog)
-        detokenizer = IncrementalDetokenizer(request.params.stop)
-        self._streams[request.request_id] = _Stream(seq, sampler, detokenizer, message.out)
-        self.scheduler.add(seq)
+        self._requests[request.request_id] = state
+        first, *others = (choice.seq for choice in state.choices)
+        if self.scheduler.can_fork:
+            first.forks = others
+            self.scheduler.add(first)
+        else:  # each choice computes the prompt itself (batch-invariant mode)
+            for seq in (first, *others):
+                self.scheduler.add(seq)
 
     def _abort(self, request_id: str, error: BaseException | None) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
             return  # already finished
-        found = self.scheduler.abort(request_id)
-        if found is not None and found[1] >= 0:
-            self.runner.release(found[1])
-        stream.sampler.close()
-        seq = stream.seq
-        item: StreamItem = error or TokenEvent(
-            "", seq.num_prompt_tokens, seq.num_generated, FinishReason.ABORT
-        )
-        self._pending.append((stream.out, item))
+        self.scheduler.abort(request_id)
+        self._apply_kv_ops()
+        for choice in state.choices:
+            choice.sampler.close()
+            if self._choices.pop(choice.seq, None) is not None and error is None:
+                seq = choice.seq
+                event = TokenEvent(
+                    "", seq.num_prompt_tokens, seq.num_generated, FinishReason.ABORT, seq.index
+                )
+                self._pending.append((state.out, event))
+        if error is not None:
+            self._pending.append((state.out, error))
         self.counters.num_aborted += 1
 
     # -- one step --------------------------------------------------------------------------
     def _step(self) -> None:
         output = self.scheduler.schedule()
-        for slot in output.freed_slots:
-            self.runner.release(slot)
         for group in output.decode_groups(self.scheduler.config.is_batch_invariant):
             if not self._decode_and_sample(group):
                 break
+        self._apply_kv_ops()
         self.counters.num_steps += 1
         self.counters.last_step_batch_size = len(output.chunks)
 
     def _decode_and_sample(self, chunks: tuple[ScheduledChunk, ...]) -> bool:
         """One `llama_decode` call, then sampling from its logits. False: skip the rest."""
+        self._apply_kv_ops()
         try:
             logit_indices = self.runner.decode(chunks)
         except KvCacheFullError:
@@ -171,38 +210,70 @@ class EngineLoop:
             return False
         self.scheduler.on_computed(chunks)
         for chunk, index in zip(chunks, logit_indices, strict=True):
-            if index >= 0:
+            if index < 0:
+                continue
+            # The request's other choices join now: they share this prompt and these logits.
+            for seq in (chunk.seq, *self.scheduler.fork(chunk.seq)):
+                choice = self._choices.get(seq)
+                if choice is None:
+                    continue  # aborted while sampling an earlier choice
                 try:
-                    self._sample(self._streams[chunk.seq.request_id], index)
+                    self._sample(choice, index)
                 except Exception as exc:  # one request's failure must not stop the others
-                    logger.exception("sampling failed for %s", chunk.seq.request_id)
-                    self._abort(chunk.seq.request_id, exc)
+                    logger.exception("sampling failed for %s", seq.request_id)
+                    self._abort(seq.request_id, exc)
         return True
 
-    def _sample(self, stream: _Stream, batch_index: int) -> None:
-        seq = stream.seq
-        token_id = stream.sampler.sample(self.model.ctx, batch_index)
+    def _sample(self, choice: _Choice, batch_index: int) -> None:
+        seq, params = choice.seq, choice.request.params
+        token_id = choice.sampler.sample(self.model.ctx, batch_index)
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if params.logprobs is not None:
+            logprobs = (
+                token_logprob(
+                    self.model.ctx,
+                    batch_index,
+                    self.model.num_vocab,
+                    token_id,
+                    params.logprobs,
+                    self.model.raw_piece,
+                ),
+            )
         is_eog = self.model.is_eog(token_id)
         reason = self.scheduler.append_token(seq, token_id, is_eog=is_eog)
-        text = "" if is_eog else stream.detokenizer.push(self.model.piece(token_id))
-        if stream.detokenizer.stopped:
+        piece = self.model.piece(token_id, special=params.render_special)
+        text = "" if is_eog else choice.detokenizer.push(piece)
+        if choice.detokenizer.stopped:
             reason = FinishReason.STOP
         if reason is not None:
-            text += stream.detokenizer.flush()
-            self.runner.release(self.scheduler.finish(seq, reason))
-            stream.sampler.close()
-            del self._streams[seq.request_id]
-            self.counters.num_finished += 1
-        event = TokenEvent(text, seq.num_prompt_tokens, seq.num_generated, reason)
-        self._pending.append((stream.out, event))
+            text += choice.detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+            choice.sampler.close()
+            del self._choices[seq]
+            if not any(other.seq in self._choices for other in choice.request.choices):
+                del self._requests[seq.request_id]
+                self.counters.num_finished += 1
+        event = TokenEvent(
+            text, seq.num_prompt_tokens, seq.num_generated, reason, seq.index, logprobs
+        )
+        self._pending.append((choice.request.out, event))
 
     def _shrink_after_kv_full(self, chunks: tuple[ScheduledChunk, ...]) -> None:
-        """llama.cpp found no room: preempt the newest sequence and try again next step."""
-        if self.scheduler.num_running > 1:
-            self.runner.release(self.scheduler.preempt_newest())
-            return
-        seq = chunks[0].seq
-        self._abort(seq.request_id, RuntimeError("the KV cache cannot hold this sequence"))
+        """llama.cpp found no room: drop a cached prefix or preempt the newest sequence, and
+        try again next step."""
+        if self.scheduler.evict_prefix():
+            pass
+        elif self.scheduler.num_running > 1:
+            self.scheduler.preempt_newest()
+        else:
+            seq = chunks[0].seq
+            self._abort(seq.request_id, RuntimeError("the KV cache cannot hold this sequence"))
+        self._apply_kv_ops()
+
+    def _apply_kv_ops(self) -> None:
+        ops = self.scheduler.take_kv_ops()
+        if ops:
+            self.runner.apply(ops)
 
     def _flush(self) -> None:
         if self._pending:

@@ -24,6 +24,8 @@ class ContextConfig:
     use_gpu: bool
     batch_invariant: bool
     """One KV stream per slot, so a sequence's cache layout never depends on the others."""
+    num_prefix_slots: int = 0
+    """Extra sequence ids (after the batch slots) holding shared and cached prefixes."""
 
 
 class LlamaModel:
@@ -52,6 +54,7 @@ class LlamaModel:
         self.num_ctx: int = llama_cpp.llama_n_ctx(self.ctx)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
         # Scanned once at load (~0.3 s for a 262k vocabulary), never on the engine thread.
         self.eog_token_ids = tuple(t for t in range(self.num_vocab) if self.is_eog(t))
         self.info = self._read_info(path, name)
@@ -80,18 +83,26 @@ class LlamaModel:
             )
         return list(buffer[:count])
 
-    def piece(self, token_id: int) -> bytes:
-        """The bytes a generated token stands for (control tokens render as nothing)."""
-        cached = self._pieces.get(token_id)
+    def piece(self, token_id: int, *, special: bool = False) -> bytes:
+        """The bytes a generated token stands for; control tokens render as nothing unless
+        `special` (then as their text, e.g. `<｜tool▁calls▁begin｜>`)."""
+        cache = self._special_pieces if special else self._pieces
+        cached = cache.get(token_id)
         if cached is None:
             buffer = ctypes.create_string_buffer(64)
-            size = llama_cpp.llama_token_to_piece(self.vocab, token_id, buffer, 64, 0, False)
+            size = llama_cpp.llama_token_to_piece(self.vocab, token_id, buffer, 64, 0, special)
             if size < 0:
                 buffer = ctypes.create_string_buffer(-size)
-                size = llama_cpp.llama_token_to_piece(self.vocab, token_id, buffer, -size, 0, False)
+                size = llama_cpp.llama_token_to_piece(
+                    self.vocab, token_id, buffer, -size, 0, special
+                )
             cached = buffer.raw[:size]
-            self._pieces[token_id] = cached
+            cache[token_id] = cached
         return cached
+
+    def raw_piece(self, token_id: int) -> bytes:
+        """A token's bytes with special tokens spelled out (for logprobs and /tokenize)."""
+        return self.piece(token_id, special=True)
 
     def is_eog(self, token_id: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token_id))
@@ -127,6 +138,7 @@ class LlamaModel:
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             bos_token=self._token_text(llama_cpp.llama_vocab_bos(self.vocab)),
             eos_token=self._token_text(llama_cpp.llama_vocab_eos(self.vocab)),
+            general_name=self.metadata("general.name") or "",
         )
 
 
@@ -135,7 +147,7 @@ def _context_params(config: ContextConfig) -> llama_cpp.llama_context_params:
     params.n_ctx = config.num_ctx
     params.n_batch = config.num_batch
     params.n_ubatch = config.num_batch
-    params.n_seq_max = config.num_seq
+    params.n_seq_max = config.num_seq + config.num_prefix_slots
     params.n_threads = config.num_threads
     params.n_threads_batch = config.num_threads
     # Default: one KV pool shared by all sequences; any sequence may use the whole context and

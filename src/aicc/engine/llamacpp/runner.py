@@ -9,6 +9,7 @@ from typing import Any
 import llama_cpp
 
 from aicc.engine.llamacpp.model import LlamaModel
+from aicc.engine.prefix_cache import KvCopy, KvOp
 from aicc.engine.scheduler import ScheduledChunk
 
 
@@ -64,9 +65,14 @@ class BatchRunner:
             raise DecodeError(f"llama_decode failed with status {status}")
         return logit_indices
 
-    def release(self, slot: int) -> None:
-        """Drop every KV cell of a sequence slot."""
-        llama_cpp.llama_memory_seq_rm(self._model.memory, slot, -1, -1)
+    def apply(self, ops: Sequence[KvOp]) -> None:
+        """Carry out the scheduler's KV changes, in order."""
+        memory = self._model.memory
+        for op in ops:
+            if isinstance(op, KvCopy):
+                llama_cpp.llama_memory_seq_cp(memory, op.src, op.dst, 0, op.num_tokens)
+            else:
+                llama_cpp.llama_memory_seq_rm(memory, op.seq_id, -1, -1)
 
     def close(self) -> None:
         if self._batch is not None:
