@@ -9,10 +9,11 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
-from aicc.api.openai.serving import OpenAIServing
+from aicc.api.openai.serving import OpenAIServing, tenant_scope
 from aicc.api.sse import EventStreamResponse
-from aicc.errors import EngineUnavailableError
+from aicc.errors import EngineUnavailableError, ModelNotFoundError
 
 router = APIRouter()
 T = TypeVar("T")
@@ -25,25 +26,40 @@ def get_serving(request: Request) -> OpenAIServing:
     return serving
 
 
+def get_chat(request: Request) -> ChatServing:
+    chat: ChatServing | None = getattr(request.app.state, "chat", None)
+    if chat is None:
+        raise EngineUnavailableError("the model is still loading; retry shortly")
+    return chat
+
+
+def get_cache_scope(request: Request) -> str:
+    """Which prefix-cache partition the caller's requests share (its credential's digest)."""
+    authorization = request.headers.get("authorization", "")
+    return tenant_scope(authorization.removeprefix("Bearer ") or request.headers.get("x-api-key"))
+
+
 Serving = Annotated[OpenAIServing, Depends(get_serving)]
+Chat = Annotated[ChatServing, Depends(get_chat)]
+CacheScope = Annotated[str, Depends(get_cache_scope)]
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, serving: Serving, request: Request
+    body: ChatCompletionRequest, chat: Chat, scope: CacheScope, request: Request
 ) -> Response:
-    prepared = await serving.start_chat(body)
+    prepared, plan = await chat.start(body, scope)
     if body.stream:
-        return EventStreamResponse(serving.chat_chunks(prepared))
-    completion = await until_disconnected(request, serving.collect(prepared))
-    return JSONResponse(serving.chat_response(prepared, completion))
+        return EventStreamResponse(chat.chunks(prepared, plan))
+    collected = await until_disconnected(request, chat.core.collect(prepared))
+    return JSONResponse(chat.response(prepared, plan, collected))
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, serving: Serving, request: Request
+    body: CompletionRequest, serving: Serving, scope: CacheScope, request: Request
 ) -> Response:
-    prepared = await serving.start_completion(body)
+    prepared = await serving.start_completion(body, scope)
     if body.stream:
         return EventStreamResponse(serving.completion_chunks(prepared))
     completion = await until_disconnected(request, serving.collect(prepared))
@@ -53,6 +69,17 @@ async def create_completion(
 @router.get("/v1/models")
 async def list_models(serving: Serving) -> dict[str, Any]:
     return {"object": "list", "data": [serving.model_card()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, serving: Serving) -> dict[str, Any]:
+    # `:path`: served names may contain "/" (e.g. "org/model").
+    if model_id != serving.served_name:
+        raise ModelNotFoundError(
+            f"The model {model_id!r} does not exist; this server serves {serving.served_name!r}",
+            param="model",
+        )
+    return serving.model_card()
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -1,4 +1,8 @@
-"""Turns OpenAI request bodies into engine requests and engine events into OpenAI responses."""
+"""Turns OpenAI request bodies into engine requests, and engine events into choices.
+
+Chat-specific work (templates, tools, reasoning, response formats) lives in `chat.py`; this
+module holds what chat and text completions share, and the text-completion responses.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,29 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplingBody
-from aicc.engine.chat import ChatRenderer
+from aicc.api.openai.logprobs import completion_logprobs
+from aicc.api.openai.protocol import CompletionRequest, SamplingBody
 from aicc.engine.interface import EngineClient
-from aicc.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from aicc.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from aicc.errors import AiccError, InvalidRequestError, ModelNotFoundError
 
 Json = dict[str, Any]
-ReceiveDisconnect = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
-    """A generation collected in full (the non-streaming answer)."""
-
-    text: str
-    finish_reason: FinishReason
-    num_prompt_tokens: int
-    num_generated_tokens: int
+class ServingLimits:
+    max_stop_strings: int
+    max_n: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +43,43 @@ class PreparedRequest:
     created: int
     events: AsyncIterator[TokenEvent]
     include_usage: bool
+    num_choices: int = 1
+    wants_logprobs: bool = False
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """One choice of a generation collected in full (the non-streaming answer)."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_generated_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    choices: list[ChoiceResult]
+    num_prompt_tokens: int
+
+    @property
+    def usage(self) -> Json:
+        generated = sum(choice.num_generated_tokens for choice in self.choices)
+        return usage_json(self.num_prompt_tokens, generated)
 
 
 class OpenAIServing:
-    """The OpenAI API's logic, independent of HTTP plumbing."""
+    """What chat and text completions share: validation, sampling parameters, envelopes."""
 
-    def __init__(self, engine: EngineClient, served_name: str, max_stop_strings: int) -> None:
+    def __init__(self, engine: EngineClient, served_name: str, limits: ServingLimits) -> None:
         self.engine = engine
         self.served_name = served_name
-        self.max_stop_strings = max_stop_strings
-        self.renderer = ChatRenderer(engine.model_info)
+        self.limits = limits
         self.created = int(time.time())
         self.system_fingerprint = (
             "fp_"
@@ -64,112 +96,113 @@ class OpenAIServing:
             "max_model_len": info.max_context,
         }
 
-    # -- requests --------------------------------------------------------------------------
-    async def start_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
-        self._check_model(body.model)
-        messages = [_chat_message(message.role, message.text) for message in body.messages]
-        size = sum(len(message["content"]) for message in messages)
-        token_ids = await _off_loop_if_large(size, self._render_and_tokenize, messages)
-        return self._start("chatcmpl", body, token_ids, body.completion_limit)
-
-    async def start_completion(self, body: CompletionRequest) -> PreparedRequest:
-        self._check_model(body.model)
+    # -- text completions ------------------------------------------------------------------
+    async def start_completion(self, body: CompletionRequest, scope: str) -> PreparedRequest:
+        self.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], int):
             token_ids = [int(token) for token in prompt]
             self._check_token_ids(token_ids)
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
-            token_ids = await _off_loop_if_large(len(text), self._tokenize_with_bos, text)
-        return self._start("cmpl", body, token_ids, body.max_tokens)
+            token_ids = await off_loop_if_large(len(text), self._tokenize_with_bos, text)
+        params = self.sampling_params(body, body.max_tokens, num_top_logprobs=body.logprobs)
+        return self.start("cmpl", body, token_ids, params, scope)
 
-    def _render_and_tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        # The template writes the BOS token itself.
-        return self.engine.tokenize(self.renderer.render(messages), add_special=False)
+    def completion_response(self, prepared: PreparedRequest, collected: Collected) -> Json:
+        choices = [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "logprobs": (
+                    completion_logprobs(choice.logprobs) if prepared.wants_logprobs else None
+                ),
+                "finish_reason": finish_reason_json(choice.finish_reason),
+            }
+            for choice in collected.choices
+        ]
+        return self.envelope(prepared, "text_completion", choices, collected.usage)
+
+    async def completion_chunks(self, prepared: PreparedRequest) -> AsyncIterator[Json]:
+        offsets = [0] * prepared.num_choices
+        async for event, usage in self.stream_events(prepared):
+            if event is None:
+                yield self.chunk(prepared, "text_completion", None, usage)
+                continue
+            if not (event.text or event.finish_reason or event.logprobs):
+                continue
+            logprobs = None
+            if prepared.wants_logprobs:
+                logprobs = completion_logprobs(event.logprobs, offsets[event.index])
+                offsets[event.index] += sum(len(t) for t in logprobs["tokens"])
+            choice = {
+                "index": event.index,
+                "text": event.text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason_json(event.finish_reason),
+            }
+            yield self.chunk(prepared, "text_completion", choice)
 
     def _tokenize_with_bos(self, text: str) -> list[int]:
         return self.engine.tokenize(text, add_special=True)
 
-    def _start(
-        self, prefix: str, body: SamplingBody, token_ids: list[int], max_tokens: int | None
+    # -- shared ----------------------------------------------------------------------------
+    def start(
+        self,
+        prefix: str,
+        body: SamplingBody,
+        token_ids: list[int],
+        params: SamplingParams,
+        scope: str,
     ) -> PreparedRequest:
-        params = self._sampling_params(body, max_tokens)
         response_id = f"{prefix}-{uuid.uuid4().hex}"
-        events = self.engine.generate(GenerationRequest(response_id, tuple(token_ids), params))
-        return PreparedRequest(response_id, int(time.time()), events, body.include_usage)
-
-    # -- responses -------------------------------------------------------------------------
-    async def collect(self, prepared: PreparedRequest) -> Completion:
-        parts: list[str] = []
-        event: TokenEvent | None = None
-        try:
-            async for event in prepared.events:
-                parts.append(event.text)
-        finally:
-            await _close(prepared.events)
-        if event is None or event.finish_reason is None:
-            raise AiccError("the engine ended the stream without a finish reason")
-        return Completion(
-            "".join(parts), event.finish_reason, event.num_prompt_tokens, event.num_generated_tokens
+        request = GenerationRequest(response_id, tuple(token_ids), params, cache_scope=scope)
+        events = self.engine.generate(request)
+        return PreparedRequest(
+            response_id,
+            int(time.time()),
+            events,
+            body.include_usage,
+            num_choices=params.n,
+            wants_logprobs=params.logprobs is not None,
         )
 
-    def chat_response(self, prepared: PreparedRequest, completion: Completion) -> Json:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "logprobs": None,
-            "finish_reason": _finish(completion.finish_reason),
-        }
-        return self._envelope(prepared, "chat.completion", choice, _usage(completion))
-
-    def completion_response(self, prepared: PreparedRequest, completion: Completion) -> Json:
-        choice = {
-            "index": 0,
-            "text": completion.text,
-            "logprobs": None,
-            "finish_reason": _finish(completion.finish_reason),
-        }
-        return self._envelope(prepared, "text_completion", choice, _usage(completion))
-
-    async def chat_chunks(self, prepared: PreparedRequest) -> AsyncIterator[Json]:
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        yield self._chunk(prepared, "chat.completion.chunk", {**first, "finish_reason": None})
-        async for choice, usage in self._choices(prepared, _chat_delta):
-            yield self._chunk(prepared, "chat.completion.chunk", choice, usage)
-
-    async def completion_chunks(self, prepared: PreparedRequest) -> AsyncIterator[Json]:
-        async for choice, usage in self._choices(prepared, _text_delta):
-            yield self._chunk(prepared, "text_completion", choice, usage)
-
-    # -- helpers ---------------------------------------------------------------------------
-    async def _choices(
-        self, prepared: PreparedRequest, delta: Callable[[TokenEvent], Json]
-    ) -> AsyncIterator[tuple[Json, Json | None]]:
-        """One choice per event that carries text or a finish; a usage-only chunk at the end."""
-        last: TokenEvent | None = None
+    async def collect(self, prepared: PreparedRequest) -> Collected:
+        """Wait for every choice to finish."""
+        choices = [ChoiceResult(index) for index in range(prepared.num_choices)]
+        num_prompt = 0
         try:
             async for event in prepared.events:
-                last = event
-                if event.text or event.finish_reason is not None:
-                    choice = {**delta(event), "index": 0, "logprobs": None}
-                    choice["finish_reason"] = (
-                        _finish(event.finish_reason) if event.finish_reason else None
-                    )
-                    yield choice, None
+                choice = choices[event.index]
+                choice.texts.append(event.text)
+                choice.logprobs.extend(event.logprobs)
+                choice.num_generated_tokens = event.num_generated_tokens
+                choice.finish_reason = event.finish_reason
+                num_prompt = event.num_prompt_tokens
         finally:
-            await _close(prepared.events)
-        if prepared.include_usage and last is not None:
-            yield (
-                {},
-                {
-                    "prompt_tokens": last.num_prompt_tokens,
-                    "completion_tokens": last.num_generated_tokens,
-                    "total_tokens": last.num_prompt_tokens + last.num_generated_tokens,
-                },
-            )
+            await close_events(prepared.events)
+        if any(choice.finish_reason is None for choice in choices):
+            raise AiccError("the engine ended the stream without a finish reason")
+        return Collected(choices, num_prompt)
 
-    def _chunk(
-        self, prepared: PreparedRequest, kind: str, choice: Json, usage: Json | None = None
+    async def stream_events(
+        self, prepared: PreparedRequest
+    ) -> AsyncIterator[tuple[TokenEvent | None, Json | None]]:
+        """The request's events; then, if usage was asked for, (None, usage) at the end."""
+        generated = [0] * prepared.num_choices
+        num_prompt = 0
+        try:
+            async for event in prepared.events:
+                generated[event.index] = event.num_generated_tokens
+                num_prompt = event.num_prompt_tokens
+                yield event, None
+        finally:
+            await close_events(prepared.events)
+        if prepared.include_usage:
+            yield None, usage_json(num_prompt, sum(generated))
+
+    def chunk(
+        self, prepared: PreparedRequest, kind: str, choice: Json | None, usage: Json | None = None
     ) -> Json:
         chunk = {
             "id": prepared.response_id,
@@ -183,18 +216,20 @@ class OpenAIServing:
             chunk["usage"] = usage
         return chunk
 
-    def _envelope(self, prepared: PreparedRequest, kind: str, choice: Json, usage: Json) -> Json:
+    def envelope(
+        self, prepared: PreparedRequest, kind: str, choices: list[Json], usage: Json
+    ) -> Json:
         return {
             "id": prepared.response_id,
             "object": kind,
             "created": prepared.created,
             "model": self.served_name,
             "system_fingerprint": self.system_fingerprint,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
         }
 
-    def _check_model(self, name: str) -> None:
+    def check_model(self, name: str) -> None:
         if name != self.served_name:
             raise ModelNotFoundError(
                 f"The model {name!r} does not exist; this server serves {self.served_name!r}",
@@ -208,12 +243,24 @@ class OpenAIServing:
                 f"prompt token ids must lie in [0, {vocab_size})", param="prompt"
             )
 
-    def _sampling_params(self, body: SamplingBody, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(
+        self,
+        body: SamplingBody,
+        max_tokens: int | None,
+        *,
+        num_top_logprobs: int | None = None,
+        grammar: str | None = None,
+        render_special: bool = False,
+    ) -> SamplingParams:
         stop = body.stop_strings
-        if len(stop) > self.max_stop_strings:
+        if len(stop) > self.limits.max_stop_strings:
             raise InvalidRequestError(
-                f"at most {self.max_stop_strings} stop strings are allowed, got {len(stop)}",
+                f"at most {self.limits.max_stop_strings} stop strings are allowed, got {len(stop)}",
                 param="stop",
+            )
+        if body.n > self.limits.max_n:
+            raise InvalidRequestError(
+                f"n must be at most {self.limits.max_n} on this server, got {body.n}", param="n"
             )
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -228,7 +275,19 @@ class OpenAIServing:
             stop=stop,
             logit_bias=_logit_bias(body.logit_bias, self.engine.model_info.vocab_size),
             ignore_eos=body.ignore_eos,
+            n=body.n,
+            logprobs=num_top_logprobs,
+            grammar=grammar,
+            render_special=render_special,
         )
+
+
+def tenant_scope(credential: str | None) -> str:
+    """The prefix-cache partition of a caller: a digest of the credential it presented (the
+    authenticated principal replaces this once API keys exist)."""
+    if not credential:
+        return "anonymous"
+    return hashlib.sha256(credential.encode()).hexdigest()[:32]
 
 
 _LARGE_PROMPT_CHARS = 16384
@@ -236,15 +295,10 @@ _LARGE_PROMPT_CHARS = 16384
 work that must not stall every other stream on the event loop)."""
 
 
-async def _off_loop_if_large(size: int, work: Callable[..., list[int]], *args: Any) -> list[int]:
+async def off_loop_if_large(size: int, work: Callable[..., list[int]], *args: Any) -> list[int]:
     if size > _LARGE_PROMPT_CHARS:
         return await asyncio.to_thread(work, *args)
     return work(*args)
-
-
-def _chat_message(role: str, text: str) -> dict[str, str]:
-    # OpenAI's "developer" role is the newer name for "system".
-    return {"role": "system" if role == "developer" else role, "content": text}
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -263,28 +317,22 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[i
     return tuple(entries)
 
 
-def _finish(reason: FinishReason) -> str:
+def finish_reason_json(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
     # An aborted request never reaches a client that is still listening; "stop" is safest.
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
-def _usage(completion: Completion) -> Json:
+def usage_json(num_prompt: int, num_generated: int) -> Json:
     return {
-        "prompt_tokens": completion.num_prompt_tokens,
-        "completion_tokens": completion.num_generated_tokens,
-        "total_tokens": completion.num_prompt_tokens + completion.num_generated_tokens,
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_generated,
+        "total_tokens": num_prompt + num_generated,
     }
 
 
-def _chat_delta(event: TokenEvent) -> Json:
-    return {"delta": {"content": event.text} if event.text else {}}
-
-
-def _text_delta(event: TokenEvent) -> Json:
-    return {"text": event.text}
-
-
-async def _close(events: AsyncIterator[TokenEvent]) -> None:
+async def close_events(events: AsyncIterator[TokenEvent]) -> None:
     close = getattr(events, "aclose", None)
     if close is not None:
         await close()
