@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint typecheck bench clean
+.PHONY: install serve test lint typecheck bench bench-prefix clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
+
+bench-prefix: $(STAMP)
+	$(BIN)/python bench/prefix_cache.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
