@@ -75,8 +75,19 @@ def start_server(model_dir: Path, **overrides: Any) -> LiveServer:
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path) -> Iterator[LiveServer]:
-    """The main test server: 16 slots, room for the 16-stream tests."""
-    live = start_server(model_dir, max_batch_size=16, ctx_size=4096)
+    """The main test server: 16 slots, room for the 16-stream tests. Prefix caching is off:
+    many tests compare two runs of a prompt token for token, and cached prefixes left in the
+    unified KV cache change where a sequence's cells land, which changes the grouping of the
+    attention sums (low-order bits, and at a near-tie a greedy token). `caching_server` has it."""
+    live = start_server(model_dir, max_batch_size=16, ctx_size=4096, prefix_cache=False)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def caching_server(model_dir: Path) -> Iterator[LiveServer]:
+    """Default settings (prefix caching on, per tenant) at a test-sized batch."""
+    live = start_server(model_dir, max_batch_size=4, ctx_size=4096)
     yield live
     live.stop()
 

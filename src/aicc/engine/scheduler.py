@@ -49,6 +49,10 @@ class SchedulerConfig:
     """Let any request reuse any cached prefix; by default only requests of the same scope."""
     min_shared_running_prefix: int = 64
     """A running sequence's prompt is shared with a newcomer only if this many tokens match."""
+    min_cached_prefix: int = 32
+    """A cached prefix is reused only if this many tokens match: a few shared template tokens
+    save nothing, and computing the prompt whole keeps short prompts' logits independent of
+    what happens to be cached."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -321,6 +325,8 @@ class Scheduler:
         tokens = seq.token_ids(0, seq.num_tokens)
         limit = seq.num_tokens - 1
         shared, num_shared = self.prefixes.match(tokens, seq.cache_scope, limit)
+        if num_shared < self.config.min_cached_prefix:
+            shared, num_shared = None, 0
         source, num_source = None, self.config.min_shared_running_prefix - 1
         for other in self.running:
             if other.cache_scope == seq.cache_scope or self.prefixes.is_shared_across_scopes:
