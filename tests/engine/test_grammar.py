@@ -152,6 +152,19 @@ def test_the_grammar_admits_valid_json_and_nothing_else(
     assert not vocab.accepts(gbnf, '{"city": "line\nbreak"}')  # raw control char in a string
 
 
+def test_pattern_control_characters_in_their_json_escapes(
+    compiler: GrammarCompiler, vocab: Vocab
+) -> None:
+    tab = compile_now(compiler, {"type": "string", "pattern": r"^a[\t]b$"})
+    assert vocab.accepts(tab, json.dumps("a\tb"))  # "a\\tb"
+    assert vocab.accepts(tab, '"a\\u0009b"')
+    assert not vocab.accepts(tab, '"a\\u000ab"')
+    assert not vocab.accepts(tab, '"a\tb"')  # a raw tab is not valid JSON
+    anything = compile_now(compiler, {"type": "string", "pattern": "^[^x]+$"})
+    assert vocab.accepts(anything, json.dumps("a\u0001b\nc\u001fd"))
+    assert not vocab.accepts(anything, json.dumps("axb"))
+
+
 def test_json_object_mode_allows_any_object(compiler: GrammarCompiler, vocab: Vocab) -> None:
     gbnf = compile_now(compiler, None)
     assert vocab.accepts(gbnf, '{"a": [1, "x", {"b": null}], "c": true}')

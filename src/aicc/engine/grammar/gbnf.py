@@ -89,8 +89,8 @@ def contains(ranges: Ranges, code: int) -> bool:
 def json_char_set(ranges: Ranges) -> str | None:
     """GBNF for one character of the set as written inside a JSON string, or None if empty.
 
-    Control characters are left out (a narrowing: they would need `\\uXXXX` escapes); `"` and
-    `\\` are matched in their escaped form.
+    Characters JSON must escape are matched in their escaped form: `"` and `\\` as `\\"` and
+    `\\\\`, control characters as `\\uXXXX` (and `\\n`, `\\t`... where JSON has a short form).
     """
     alternatives = []
     raw = subtract(ranges, normalize(_JSON_UNSAFE))
@@ -99,6 +99,28 @@ def json_char_set(ranges: Ranges) -> str | None:
     for char in '"\\':
         if contains(ranges, ord(char)):
             alternatives.append(gbnf_literal("\\" + char))
+    alternatives += _control_escapes(ranges)
     if not alternatives:
         return None
     return alternatives[0] if len(alternatives) == 1 else "(" + " | ".join(alternatives) + ")"
+
+
+def _control_escapes(ranges: Ranges) -> list[str]:
+    """Escaped forms of the control characters (U+0000-U+001F) in the set: `\\u00XX` as at
+    most two rules (by the high digit), plus JSON's short forms (`\\n`, `\\t`...) as one."""
+    codes = [code for code in range(0x20) if contains(ranges, code)]
+    escapes = []
+    for high in (0, 1):
+        digits = "".join(
+            f"{low:x}{low:X}" if low > 9 else str(low)
+            for low in range(16)
+            if high * 16 + low in codes
+        )
+        if digits:
+            escapes.append(f'"\\\\u00{high}" [{digits}]')
+    shorts = "".join(
+        short[1] for code in codes if not (short := json.dumps(chr(code))[1:-1]).startswith("\\u")
+    )
+    if shorts:
+        escapes.append(f'"\\\\" [{shorts}]')
+    return escapes

@@ -33,11 +33,12 @@ def _sequence(nodes: tuple[Node, ...], param: str) -> str:
 
 
 def _single_char(node: Chars) -> bool:
-    """One code point that can be written in a literal (lone surrogates cannot)."""
+    """One code point with a single JSON form, written as a literal (not a lone surrogate, which
+    cannot be written at all, nor a control character, which JSON may escape two ways)."""
     if len(node.ranges) != 1:
         return False
     low, high = node.ranges[0]
-    return low == high and not 0xD800 <= low <= 0xDFFF
+    return low == high and low >= 0x20 and not 0xD800 <= low <= 0xDFFF
 
 
 def _node(node: Node, param: str) -> str:
