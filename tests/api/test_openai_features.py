@@ -217,6 +217,23 @@ def test_json_object_output_parses_streamed(client: openai.OpenAI) -> None:
     assert isinstance(json.loads(text), dict)
 
 
+def test_grammar_sampling_with_a_reordering_chain_matches_greedy(client: openai.OpenAI) -> None:
+    """top_k sorts the candidate array in place; every token must still map to its own logit
+    (top_k=1 at temperature 1 is greedy decoding by another route)."""
+
+    def answer(**sampling: Any) -> str:
+        response = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "List two colors as a JSON object."}],
+            max_tokens=40,
+            response_format={"type": "json_object"},
+            **sampling,
+        )
+        return response.choices[0].message.content or ""
+
+    assert answer(temperature=1.0, seed=5, extra_body={"top_k": 1}) == answer(temperature=0)
+
+
 # -- tools -----------------------------------------------------------------------------------
 def test_required_tool_call(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(

@@ -67,7 +67,7 @@ class SamplerChain:
         if params.grammar is not None:
             self._grammar = new_grammar(vocab, params.grammar)
             self._candidates = np.zeros(num_vocab, dtype=_TOKEN_DATA)
-            self._candidates["id"] = np.arange(num_vocab, dtype=np.int32)
+            self._token_ids = np.arange(num_vocab, dtype=np.int32)
             self._one = np.zeros(1, dtype=_TOKEN_DATA)
 
     def sample(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
@@ -92,27 +92,28 @@ class SamplerChain:
 
     def _sample_with_grammar(self, ctx: llama_cpp.llama_context_p, batch_index: int) -> int:
         logits = _logits_row(ctx, batch_index, self._num_vocab)
-        token_id = self._apply(self._chain, logits)
+        token_id = self._select(logits, with_grammar=False)
         self._one["id"] = token_id
         self._one["logit"] = 0.0
-        _apply_to(self._grammar, self._one)
+        _apply(self._grammar, self._one)
         if self._one["logit"][0] == _BANNED:
-            self._candidates["logit"] = logits
-            self._candidates["p"] = 0.0
-            array = _token_data_array(self._candidates)
-            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
-            token_id = self._apply(self._chain, None, array)
+            token_id = self._select(logits, with_grammar=True)
         llama_cpp.llama_sampler_accept(self._grammar, token_id)
         llama_cpp.llama_sampler_accept(self._chain, token_id)
         return token_id
 
-    def _apply(self, chain: Any, logits: Any, array: Any = None) -> int:
-        """Run the chain over the candidates (without accepting); the selected token id."""
-        if array is None:
-            self._candidates["logit"] = logits
-            self._candidates["p"] = 0.0
-            array = _token_data_array(self._candidates)
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    def _select(self, logits: Any, *, with_grammar: bool) -> int:
+        """Run the chain (after the grammar, if asked) over the whole vocabulary without
+        accepting; the selected token id. The candidates are refilled every time: samplers
+        such as top-k sort and truncate the array in place."""
+        candidates = self._candidates
+        candidates["id"] = self._token_ids
+        candidates["logit"] = logits
+        candidates["p"] = 0.0
+        array = _token_data_array(candidates)
+        if with_grammar:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
         return int(array.data[array.selected].id)
 
 
@@ -151,7 +152,7 @@ def _token_data_array(candidates: Any) -> llama_cpp.llama_token_data_array:
     )
 
 
-def _apply_to(sampler: Any, candidates: Any) -> None:
+def _apply(sampler: Any, candidates: Any) -> None:
     array = _token_data_array(candidates)
     llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
 
