@@ -1,9 +1,9 @@
-import random
-from collections.abc import Iterator
+"""`<think>` reasoning split from content, whatever the stream's chunking."""
 
 import pytest
 
 from aicc.engine.reasoning import ReasoningSplitter, tag_prefix_len
+from tests.engine.chunkings import chunkings
 
 
 def split(text: str, pieces: list[str], *, starts_in_reasoning: bool) -> tuple[str, str]:
@@ -15,18 +15,6 @@ def split(text: str, pieces: list[str], *, starts_in_reasoning: bool) -> tuple[s
         content.append(c)
     r, c = splitter.flush()
     return "".join(reasoning) + r, "".join(content) + c
-
-
-def chunkings(text: str, seed: int = 0) -> Iterator[list[str]]:
-    """One piece, one character at a time, every two-way split, and random chunkings."""
-    yield [text]
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    rng = random.Random(seed)
-    for _ in range(50):
-        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(1, 6))))
-        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 CASES = [

@@ -1,6 +1,6 @@
-import random
+"""Tool-call parsing (Hermes and DeepSeek formats), whatever the stream's chunking."""
+
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,6 +12,7 @@ from aicc.engine.toolcalls import (
     DS_SEP,
     ToolCallParser,
 )
+from tests.engine.chunkings import chunkings
 
 NAMES = {"get_weather", "add", "noop"}
 
@@ -36,18 +37,6 @@ def parse(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[int, str, str]]]
         assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
     assert len({call.id for call in calls}) == len(calls)
     return "".join(d.content for d in deltas), [(c.index, c.name, c.arguments) for c in calls]
-
-
-def chunkings(text: str, seed: int = 0) -> Iterator[list[str]]:
-    """One piece, one character at a time, every two-way split, and random chunkings."""
-    yield [text]
-    yield list(text)
-    for i in range(len(text) + 1):
-        yield [text[:i], text[i:]]
-    rng = random.Random(seed)
-    for _ in range(50):
-        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(1, 8))))
-        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 WEATHER = (0, "get_weather", '{"city":"Paris"}')

@@ -5,17 +5,14 @@ The content is bounded by the request-body limit (`max_body_bytes`, enforced by 
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
+from aicc.api.openai.routes import Serving
+from aicc.api.openai.serving import off_loop_if_large
 from aicc.engine.interface import EngineClient
-from aicc.errors import EngineUnavailableError
-
-_LARGE_CONTENT_CHARS = 16384
-"""Content longer than this is handled in a worker thread, off the event loop."""
 
 
 class TokenizeRequest(BaseModel):
@@ -34,30 +31,19 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def get_engine(request: Request) -> EngineClient:
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise EngineUnavailableError("the model is still loading; retry shortly")
-    return engine
-
-
-Engine = Annotated[EngineClient, Depends(get_engine)]
 router = APIRouter()
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, engine: Engine) -> dict[str, Any]:
-    if len(body.content) > _LARGE_CONTENT_CHARS:
-        return await asyncio.to_thread(_tokenize, engine, body)
-    return _tokenize(engine, body)
+async def tokenize(body: TokenizeRequest, serving: Serving) -> dict[str, Any]:
+    return await off_loop_if_large(len(body.content), _tokenize, serving.engine, body)
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, engine: Engine) -> dict[str, str]:
+async def detokenize(body: DetokenizeRequest, serving: Serving) -> dict[str, str]:
     """Special tokens are rendered as their text. Ids outside the vocabulary → 400."""
-    if len(body.tokens) > _LARGE_CONTENT_CHARS:
-        return {"content": await asyncio.to_thread(engine.detokenize, body.tokens)}
-    return {"content": engine.detokenize(body.tokens)}
+    engine = serving.engine
+    return {"content": await off_loop_if_large(len(body.tokens), engine.detokenize, body.tokens)}
 
 
 def _tokenize(engine: EngineClient, body: TokenizeRequest) -> dict[str, Any]:

@@ -128,10 +128,9 @@ class PrefixCache:
             self._drop_superseded(entry, ops)
         return entry
 
-    def acquire(self, entry: CachedPrefix, num_tokens: int) -> None:
+    def acquire(self, entry: CachedPrefix) -> None:
         entry.num_users += 1
         entry.last_used = self._tick()
-        self.num_hit_tokens += num_tokens
 
     def release(self, entry: CachedPrefix | None, ops: list[KvOp]) -> None:
         if entry is None:

@@ -219,7 +219,7 @@ class Scheduler:
             return []
         for member in (seq, *forks):
             self._borrow(member, shared, num_tokens)
-        self.prefixes.num_hit_tokens -= num_tokens  # the parent computed them: not a hit
+        self.prefixes.num_hit_tokens += num_tokens * len(forks)  # the parent computed them once
         return forks
 
     def append_token(self, seq: Sequence, token_id: int, *, is_eog: bool) -> FinishReason | None:
@@ -312,6 +312,7 @@ class Scheduler:
         seq.num_computed = 0
         if shared is not None:
             self._borrow(seq, shared, num_shared)
+            self.prefixes.num_hit_tokens += num_shared
         self.running.append(seq)
         self.running.sort(key=lambda s: s.arrival)
         return True
@@ -348,14 +349,13 @@ class Scheduler:
         if published is None:
             return shared, num_shared
         self._borrow(source, published, num_source)
-        self.prefixes.num_hit_tokens -= num_source  # the source computed them: not a hit
         return published, num_source
 
     def _borrow(self, seq: Sequence, shared: CachedPrefix, num_tokens: int) -> None:
         self.prefixes.release(seq.borrowed_from, self._kv_ops)
         if seq.slot >= 0 and seq.num_computed < num_tokens:
             self._kv_ops.append(KvCopy(shared.seq_id, seq.slot, num_tokens))
-        self.prefixes.acquire(shared, num_tokens)
+        self.prefixes.acquire(shared)
         seq.borrowed_from = shared
         seq.num_borrowed = num_tokens
         seq.num_computed = max(seq.num_computed, num_tokens)

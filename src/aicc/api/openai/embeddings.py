@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Annotated, Any, Literal
 
@@ -20,14 +19,11 @@ from pydantic import (
 )
 
 from aicc.api.openai.routes import Serving, until_disconnected
-from aicc.engine.interface import EngineClient
-from aicc.errors import InvalidRequestError, ModelNotFoundError
+from aicc.api.openai.serving import OpenAIServing, off_loop_if_large
+from aicc.errors import InvalidRequestError
 
 MAX_INPUTS = 2048
 """Most inputs one request may embed (OpenAI's limit)."""
-
-_LARGE_INPUT_CHARS = 16384
-"""Texts longer than this (in total) are tokenized in a worker thread, off the event loop."""
 
 Json = dict[str, Any]
 TokenIds = list[int]
@@ -67,18 +63,14 @@ class EmbeddingRequest(BaseModel):
 class EmbeddingServing:
     """Turns an `EmbeddingRequest` into token ids, embeds them, and shapes OpenAI's response."""
 
-    def __init__(self, engine: EngineClient, served_name: str) -> None:
-        self.engine = engine
-        self.served_name = served_name
+    def __init__(self, core: OpenAIServing) -> None:
+        self.core = core
+        self.engine = core.engine
 
     async def create(self, body: EmbeddingRequest) -> Json:
         """The response body. Raises `ModelNotFoundError`, `InvalidRequestError`, and what
         `EngineClient.embed` raises."""
-        if body.model != self.served_name:
-            raise ModelNotFoundError(
-                f"The model {body.model!r} does not exist; this server serves {self.served_name!r}",
-                param="model",
-            )
+        self.core.check_model(body.model)
         size = self.engine.embedding_size
         if body.dimensions is not None and body.dimensions > size:
             raise InvalidRequestError(
@@ -98,7 +90,7 @@ class EmbeddingServing:
                 {"object": "embedding", "index": index, "embedding": encode(row)}
                 for index, row in enumerate(vectors)
             ],
-            "model": self.served_name,
+            "model": self.core.served_name,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         }
 
@@ -119,9 +111,7 @@ class EmbeddingServing:
         if isinstance(given[0], list):
             return [[int(token) for token in item] for item in given]
         texts = [str(item) for item in given]
-        if sum(len(text) for text in texts) > _LARGE_INPUT_CHARS:
-            return await asyncio.to_thread(self._tokenize_all, texts)
-        return self._tokenize_all(texts)
+        return await off_loop_if_large(sum(map(len, texts)), self._tokenize_all, texts)
 
     def _tokenize_all(self, texts: list[str]) -> list[TokenIds]:
         # With the model's special tokens (BOS), as llama-server embeds text.
@@ -149,7 +139,7 @@ router = APIRouter()
 
 
 def get_embedding_serving(serving: Serving) -> EmbeddingServing:
-    return EmbeddingServing(serving.engine, serving.served_name)
+    return EmbeddingServing(serving)
 
 
 @router.post("/v1/embeddings")

@@ -13,7 +13,7 @@ from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.serving import OpenAIServing, tenant_scope
 from aicc.api.sse import EventStreamResponse
-from aicc.errors import EngineUnavailableError, ModelNotFoundError
+from aicc.errors import EngineUnavailableError
 
 router = APIRouter()
 T = TypeVar("T")
@@ -74,11 +74,7 @@ async def list_models(serving: Serving) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, serving: Serving) -> dict[str, Any]:
     # `:path`: served names may contain "/" (e.g. "org/model").
-    if model_id != serving.served_name:
-        raise ModelNotFoundError(
-            f"The model {model_id!r} does not exist; this server serves {serving.served_name!r}",
-            param="model",
-        )
+    serving.check_model(model_id)
     return serving.model_card()
 
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aicc.api.openai.logprobs import completion_logprobs
 from aicc.api.openai.protocol import CompletionRequest, SamplingBody
@@ -27,6 +27,7 @@ from aicc.engine.types import (
 from aicc.errors import AiccError, InvalidRequestError, ModelNotFoundError
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,13 +291,13 @@ def tenant_scope(credential: str | None) -> str:
     return hashlib.sha256(credential.encode()).hexdigest()[:32]
 
 
-_LARGE_PROMPT_CHARS = 16384
-"""Prompts longer than this are rendered and tokenized in a worker thread (milliseconds of
-work that must not stall every other stream on the event loop)."""
+_LARGE_INPUT_SIZE = 16384
+"""Inputs larger than this (characters, or token ids) are tokenized, rendered or detokenized in
+a worker thread (milliseconds of work that must not stall every other stream on the loop)."""
 
 
-async def off_loop_if_large(size: int, work: Callable[..., list[int]], *args: Any) -> list[int]:
-    if size > _LARGE_PROMPT_CHARS:
+async def off_loop_if_large(size: int, work: Callable[..., T], *args: Any) -> T:
+    if size > _LARGE_INPUT_SIZE:
         return await asyncio.to_thread(work, *args)
     return work(*args)
 

@@ -3,8 +3,8 @@
 Kept free of heavy imports: the worker process imports this package too.
 """
 
-from aicc.engine.grammar.compiler import GrammarCompiler, compile_json_schema
+from aicc.engine.grammar.compiler import GrammarCompiler
 from aicc.engine.grammar.limits import GrammarLimits
 from aicc.engine.grammar.validation import check_json_schema
 
-__all__ = ["GrammarCompiler", "GrammarLimits", "check_json_schema", "compile_json_schema"]
+__all__ = ["GrammarCompiler", "GrammarLimits", "check_json_schema"]

@@ -178,23 +178,3 @@ class GrammarCompiler:
         while self._idle:
             self._idle.pop().stop()
         self._threads.shutdown(wait=False)
-
-
-async def compile_json_schema(
-    schema: dict[str, Any] | None,
-    limits: GrammarLimits,
-    *,
-    compiler: GrammarCompiler,
-    param: str = "response_format",
-    prefix: str = "",
-    suffix: str = "",
-    min_count: int = 1,
-    max_count: int = 1,
-    separator: str = "",
-    lenient: bool = False,
-) -> str:
-    """`compiler.compile(...)`, for callers that hold the compiler elsewhere (see there)."""
-    return await compiler.compile(
-        schema, limits, param=param, prefix=prefix, suffix=suffix, min_count=min_count,
-        max_count=max_count, separator=separator, lenient=lenient,
-    )  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from aicc.engine.types import (
     TokenEvent,
 )
 from aicc.errors import (
-    AiccError,
     ContextLengthExceededError,
     EngineUnavailableError,
     InvalidRequestError,
@@ -175,23 +173,7 @@ class LlamaCppEngine:
         return await self._require_embeddings().embed(inputs)
 
     def detokenize(self, token_ids: list[int]) -> str:
-        model = self._require_model()
-        if any(token < 0 or token >= model.num_vocab for token in token_ids):
-            # Checked here: llama.cpp aborts the process on an out-of-range id.
-            raise InvalidRequestError(
-                f"token ids must lie in [0, {model.num_vocab})", param="tokens"
-            )
-        tokens = (llama_cpp.llama_token * len(token_ids))(*token_ids)
-        capacity = 16 * len(token_ids) + 16
-        for _ in range(2):
-            buffer = ctypes.create_string_buffer(capacity)
-            size = llama_cpp.llama_detokenize(
-                model.vocab, tokens, len(token_ids), buffer, capacity, False, True
-            )
-            if size >= 0:
-                return buffer.raw[:size].decode("utf-8", errors="replace")
-            capacity = -size  # the size it needs
-        raise AiccError("llama_detokenize kept asking for a larger buffer")
+        return self._require_model().detokenize(token_ids)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_fits(self, request: GenerationRequest) -> int:

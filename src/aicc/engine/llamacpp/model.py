@@ -10,7 +10,7 @@ from pathlib import Path
 import llama_cpp
 
 from aicc.engine.types import ModelInfo
-from aicc.errors import ModelLoadError
+from aicc.errors import AiccError, InvalidRequestError, ModelLoadError
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +82,28 @@ class LlamaModel:
                 self.vocab, data, len(data), buffer, capacity, add_special, True
             )
         return list(buffer[:count])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, special tokens rendered as their text.
+
+        Raises `InvalidRequestError` for ids outside the vocabulary (llama.cpp would abort the
+        process on one).
+        """
+        if any(token < 0 or token >= self.num_vocab for token in token_ids):
+            raise InvalidRequestError(
+                f"token ids must lie in [0, {self.num_vocab})", param="tokens"
+            )
+        tokens = (llama_cpp.llama_token * len(token_ids))(*token_ids)
+        capacity = 16 * len(token_ids) + 16
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(capacity)
+            size = llama_cpp.llama_detokenize(
+                self.vocab, tokens, len(token_ids), buffer, capacity, False, True
+            )
+            if size >= 0:
+                return buffer.raw[:size].decode("utf-8", errors="replace")
+            capacity = -size  # the size it needs
+        raise AiccError("llama_detokenize kept asking for a larger buffer")
 
     def piece(self, token_id: int, *, special: bool = False) -> bytes:
         """The bytes a generated token stands for; control tokens render as nothing unless
