@@ -186,12 +186,13 @@ def common_prefix_length(a: tuple[int, ...] | list[int], b: list[int], limit: in
     high = min(len(a), len(b), limit)
     if high <= 0 or a[0] != b[0]:
         return 0
-    if list(a[:high]) == b[:high]:
+    a = list(a) if isinstance(a, tuple) else a
+    if a[:high] == b[:high]:
         return high
     low = 1  # invariant: a[:low] == b[:low], a[:high] != b[:high]
     while high - low > 1:
         mid = (low + high) // 2
-        if list(a[:mid]) == b[:mid]:
+        if a[:mid] == b[:mid]:
             low = mid
         else:
             high = mid

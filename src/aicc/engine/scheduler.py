@@ -331,8 +331,12 @@ class Scheduler:
         source, num_source = None, self.config.min_shared_running_prefix - 1
         for other in self.running:
             if other.cache_scope == seq.cache_scope or self.prefixes.is_shared_across_scopes:
-                computed = other.token_ids(0, other.num_computed)
-                length = common_prefix_length(computed, tokens, limit)
+                # Its computed prompt only (no copy of its tokens): a newcomer's prompt rarely
+                # continues into another request's generated text.
+                num_computed = min(other.num_computed, other.num_prompt_tokens)
+                length = common_prefix_length(
+                    other.prompt_token_ids, tokens, min(limit, num_computed)
+                )
                 if length > max(num_source, num_shared):
                     source, num_source = other, length
         if source is None:
