@@ -128,35 +128,30 @@ class EngineLoop:
             if isinstance(message, Stop):
                 return False
             if isinstance(message, Submit):
-                self._submit(message)
+                try:
+                    self._submit(message)
+                except Exception as exc:  # one request's failure must not stop the loop
+                    request_id = message.request.request_id
+                    logger.exception("could not start %s", request_id)
+                    if request_id in self._requests:
+                        self._abort(request_id, exc)
+                    else:
+                        self._pending.append((message.out, exc))
             else:
                 self._abort(message.request_id, None)
 
     def _submit(self, message: Submit) -> None:
         request, params = message.request, message.request.params
         state = _Request(params, message.out)
-        eog = self.model.eog_token_ids if params.ignore_eos else ()
-        for index in range(params.n):
-            seq = Sequence(
-                request_id=request.request_id,
-                prompt_token_ids=list(request.prompt_token_ids),
-                max_tokens=message.max_tokens,
-                arrival=self._num_arrived,
-                index=index,
-                cache_scope=request.cache_scope,
-            )
-            # Choices of one seeded request must differ from each other, yet be reproducible.
-            seed = None if params.seed is None else params.seed + index
-            sampler = SamplerChain(
-                params,
-                num_vocab=self.model.num_vocab,
-                eog_token_ids=eog,
-                seed=seed,
-                vocab=self.model.vocab,
-            )
-            choice = _Choice(seq, sampler, IncrementalDetokenizer(params.stop), state)
-            state.choices.append(choice)
-            self._choices[seq] = choice
+        try:
+            for index in range(params.n):
+                state.choices.append(self._new_choice(request, message.max_tokens, index, state))
+        except BaseException:
+            for choice in state.choices:
+                choice.sampler.close()
+            raise
+        for choice in state.choices:
+            self._choices[choice.seq] = choice
         self._num_arrived += 1
         self._requests[request.request_id] = state
         first, *others = (choice.seq for choice in state.choices)
@@ -166,6 +161,29 @@ class EngineLoop:
         else:  # each choice computes the prompt itself (batch-invariant mode)
             for seq in (first, *others):
                 self.scheduler.add(seq)
+
+    def _new_choice(
+        self, request: GenerationRequest, max_tokens: int, index: int, state: _Request
+    ) -> _Choice:
+        params = request.params
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            max_tokens=max_tokens,
+            arrival=self._num_arrived,
+            index=index,
+            cache_scope=request.cache_scope,
+        )
+        # Choices of one seeded request must differ from each other, yet be reproducible.
+        seed = None if params.seed is None else params.seed + index
+        sampler = SamplerChain(
+            params,
+            num_vocab=self.model.num_vocab,
+            eog_token_ids=self.model.eog_token_ids if params.ignore_eos else (),
+            seed=seed,
+            vocab=self.model.vocab,
+        )
+        return _Choice(seq, sampler, IncrementalDetokenizer(params.stop), state)
 
     def _abort(self, request_id: str, error: BaseException | None) -> None:
         state = self._requests.pop(request_id, None)
