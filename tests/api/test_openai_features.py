@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 
+from aicc.api.openai.protocol import ChatCompletionRequest
 from aicc.store.local import BUNDLED_MODEL_NAME
 from tests.conftest import LiveServer
 
@@ -281,6 +282,42 @@ def test_named_tool_call_streamed(client: openai.OpenAI) -> None:
     assert all(call["name"] == "get_time" for call in calls.values())
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), TIME_TOOL["function"]["parameters"])
+
+
+def test_auto_tool_choice_describes_the_tools_and_answers_well_formed(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """The bundled template has no tool support: the signatures go into the system message."""
+    messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0
+    )
+    auto = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER_TOOL],
+        tool_choice="auto",
+        max_tokens=16,
+        temperature=0,
+    )
+    assert plain.usage is not None
+    assert auto.usage is not None
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50
+    prompt = server.app.state.chat._messages(
+        ChatCompletionRequest.model_validate(
+            {"model": MODEL, "messages": messages, "tools": [WEATHER_TOOL]}
+        ),
+        [WEATHER_TOOL],
+    )[0]["content"]
+    assert "get_weather" in prompt
+    assert "<tool_call>" in prompt
+    choice = auto.choices[0]
+    if choice.message.tool_calls:  # the base model rarely calls; a call must be well formed
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            json.loads(call.function.arguments)
+    else:
+        assert choice.finish_reason in ("stop", "length")
 
 
 def test_tool_results_in_history_and_tool_choice_none(client: openai.OpenAI) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 
 from aicc.store.local import BUNDLED_MODEL_NAME
@@ -31,3 +32,18 @@ def test_same_tenant_reuses_other_tenant_does_not(caching_server: LiveServer) ->
     assert ask(caching_server, "key-b", "Where is Ulysses?") == 0, "another tenant: cold"
     assert ask(caching_server, "key-b", "Where is Walden?") >= system_tokens
     assert caching_server.engine.stats().num_cached_prefixes >= 2
+
+
+def test_the_x_api_key_header_names_the_tenant_too(caching_server: LiveServer) -> None:
+    body = {
+        "model": BUNDLED_MODEL_NAME,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+    }
+    ask(caching_server, "key-c", "Where is Hamlet?")
+    before = caching_server.engine.stats().num_prefix_hit_tokens
+    url = caching_server.base_url + "/v1/chat/completions"
+    assert httpx.post(url, json=body, headers={"x-api-key": "key-d"}).status_code == 200
+    assert caching_server.engine.stats().num_prefix_hit_tokens == before, "key-d is cold"
+    assert httpx.post(url, json=body, headers={"x-api-key": "key-c"}).status_code == 200
+    assert caching_server.engine.stats().num_prefix_hit_tokens > before, "key-c is warm"
