@@ -59,3 +59,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_contradictory_settings() -> None:
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         load_settings(max_batch_size=64, max_batch_tokens=32)
+
+
+def test_prefix_slots_fit_llama_cpp_sequence_limit() -> None:
+    with pytest.raises(ConfigError, match="prefix_cache_entries"):
+        load_settings(max_batch_size=240, max_batch_tokens=256, prefix_cache_entries=32)
+    settings = load_settings(max_batch_size=32, prefix_cache_entries=32)
+    assert settings.num_prefix_slots == 64, "cached prefixes + one shared prompt per slot"
+    wide = load_settings(max_batch_size=200, max_batch_tokens=256, prefix_cache_entries=56)
+    assert wide.num_prefix_slots == 56
+    assert load_settings(batch_invariant=True).num_prefix_slots == 0
+    with pytest.raises(ConfigError, match="prefix_cache_scope"):
+        load_settings(prefix_cache_scope="everyone")
