@@ -88,9 +88,11 @@ class Settings(BaseSettings):
     ctx_size / max_batch_size cells, which also caps one request's context."""
 
     prefix_cache: bool = True
-    """Keep finished requests' KV cache and reuse it for later prompts that start with the same
+    """Keep finished requests' prompt KV and reuse it for later prompts that start with the same
     tokens (a shared system prompt, the earlier turns of a chat): only the new tokens are
-    computed. Cached prefixes are evicted least-recently-used when the KV budget needs room."""
+    computed. Prompts are kept, not answers: every cached cell is attended (masked) by every
+    decode in llama.cpp's unified cache. Evicted least-recently-used when the KV budget needs
+    room."""
 
     prefix_cache_entries: int = Field(default=32, ge=0, le=224)
     """Most finished prefixes kept in the KV cache at once."""

@@ -440,3 +440,14 @@ def test_n_choices_need_slots_for_all_and_abort_together() -> None:
 def test_n_choices_without_prefix_slots_prefill_independently() -> None:
     scheduler = make_sharing_scheduler(num_prefix_slots=0)
     assert not scheduler.can_fork
+
+
+def test_only_prompts_long_enough_to_reuse_are_kept() -> None:
+    scheduler = make_sharing_scheduler()
+    runner = FakeRunner()
+    scheduler.add(make_prompt("short", list(range(1, 11)), 0))
+    scheduler.add(make_prompt("long", [*SYSTEM, 50], 1))
+    runner.run(scheduler)
+    (entry,) = scheduler.prefixes.entries
+    assert entry.token_ids == (*SYSTEM, 50), "the prompt, not the generated tokens"
+    assert runner.num_cells == 41

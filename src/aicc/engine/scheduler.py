@@ -232,12 +232,18 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Take a running sequence out of the batch; keep its KV as a cached prefix if
-        prefix caching is on, then free its slot."""
-        if self.prefixes.is_enabled and seq.num_computed > 0:
+        """Take a running sequence out of the batch; keep its prompt's KV as a cached prefix if
+        prefix caching is on (and the prompt is long enough to be reused), then free its slot.
+
+        Only the prompt is kept: in llama.cpp's unified KV cache every sequence attends over the
+        whole used range of cells (masked), so each cached cell slows every decode a little;
+        prompts (system prompts, earlier turns) are what later requests share.
+        """
+        num_cached = min(seq.num_computed, seq.num_prompt_tokens)
+        if self.prefixes.is_enabled and num_cached >= self.config.min_cached_prefix:
             self.prefixes.insert(
                 seq.slot,
-                tuple(seq.token_ids(0, seq.num_computed)),
+                tuple(seq.prompt_token_ids[:num_cached]),
                 seq.cache_scope,
                 is_shareable=True,
                 num_borrowed=seq.num_borrowed,
