@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,9 +29,55 @@ def default_model_dir() -> Path:
     return Path(data_home) / "aicc" / "models"
 
 
+def default_state_dir() -> Path:
+    """Where aicc keeps its database and secret: ``$XDG_DATA_HOME/aicc`` (or ``~/.local/share``)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "aicc"
+
+
 def default_threads() -> int:
     """The CPUs this process may run on (respects affinity masks and container cpusets)."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+class LdapSettings(BaseModel):
+    """Directory login: bind as `bind_dn`, find the user, bind as the user, map groups."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1, pattern=r"^ldaps?://")
+    """``ldap://host:389`` or ``ldaps://host:636``."""
+
+    start_tls: bool = False
+    """Upgrade an ``ldap://`` connection with StartTLS before binding."""
+
+    ca_file: Path | None = None
+    """CA bundle that verifies the directory's certificate (LDAPS / StartTLS)."""
+
+    bind_dn: str = Field(min_length=1)
+    """Service account that searches for users."""
+
+    bind_password: SecretStr
+    """Its password."""
+
+    user_base: str = Field(min_length=1)
+    """Subtree searched for users, e.g. ``ou=people,dc=example,dc=org``."""
+
+    user_filter: str = Field(default="(uid={username})", pattern=r"\{username\}")
+    """Search filter; ``{username}`` is replaced by the escaped login name (AD: sAMAccountName)."""
+
+    group_base: str | None = None
+    """Subtree searched for groups whose `member` is the user (else the user's `memberOf`)."""
+
+    group_roles: dict[str, list[str]] = Field(default_factory=dict)
+    """Directory group (cn or full DN) → aicc roles. Users in no mapped group get
+    `default_roles`."""
+
+    default_roles: list[str] = Field(default_factory=lambda: ["user"])
+    """Roles of a directory user in no mapped group (empty: such users cannot log in)."""
+
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    """Connect and operation timeout."""
 
 
 class Settings(BaseSettings):
@@ -42,6 +88,7 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         frozen=True,
+        env_nested_delimiter="__",
     )
 
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -129,6 +176,56 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log verbosity."""
 
+    # -- state and identity ------------------------------------------------------------------
+    state_dir: Path = Field(default_factory=default_state_dir)
+    """The database (SQLite by default) and the generated server secret live here."""
+
+    database_url: str | None = Field(default=None, min_length=1, max_length=4096)
+    """SQLAlchemy URL of the state database, e.g. ``postgresql+psycopg://aicc@db/aicc``.
+    Default: SQLite at ``<state_dir>/aicc.db``."""
+
+    secret_key: SecretStr | None = Field(default=None)
+    """Server secret for keyed hashes of API keys and session tokens (≥ 32 characters). Default:
+    ``<state_dir>/secret.key``, created with mode 0600 on first start. Every gateway sharing a
+    database must share it."""
+
+    admin_key: SecretStr | None = Field(default=None)
+    """API key given to the ``admin`` user created on an empty database (`AICC_ADMIN_KEY`);
+    without it a random key is printed once."""
+
+    auth_cache_s: float = Field(default=1.0, ge=0.0, le=2.0)
+    """How long a resolved credential is trusted before the database is asked again: a key
+    revoked on another gateway stops working within this time (at once on this one)."""
+
+    session_ttl_s: int = Field(default=12 * 3600, ge=60, le=30 * 86400)
+    """Lifetime of a login session token."""
+
+    password_min_length: int = Field(default=12, ge=8, le=256)
+    """Shortest local password accepted."""
+
+    lockout_threshold: int = Field(default=5, ge=1, le=100)
+    """Failed logins in a row that lock a user out."""
+
+    lockout_s: int = Field(default=900, ge=1, le=86400)
+    """How long a locked-out user must wait."""
+
+    mfa_required: bool = False
+    """Require a TOTP second factor at login for users holding the admin, security or auditor
+    role (MLPS 2.0 level 3); such users must enrol before they can log in with a password."""
+
+    ldap: LdapSettings | None = None
+    """LDAP / Active Directory login; off when absent."""
+
+    # -- TLS -----------------------------------------------------------------------------------
+    tls_cert: Path | None = None
+    """PEM server certificate (chain); with `tls_key` the server speaks HTTPS, TLS 1.3 only."""
+
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."""
+
     @model_validator(mode="after")
     def _check_consistent(self) -> Settings:
         if self.max_batch_tokens < self.max_batch_size:
@@ -142,7 +239,17 @@ class Settings(BaseSettings):
                 f"max_batch_size ({self.max_batch_size}) + prefix_cache_entries "
                 f"({self.prefix_cache_entries}) must be at most 256 (llama.cpp's sequence limit)"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.secret_key is not None and len(self.secret_key.get_secret_value()) < 32:
+            raise ValueError("secret_key must be at least 32 characters")
         return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'aicc.db'}"
 
     @property
     def num_prefix_slots(self) -> int:

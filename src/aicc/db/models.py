@@ -1,0 +1,166 @@
+"""The state database's tables (SQLAlchemy 2 declarative). Schema changes go through a new
+migration in `migrations/versions/`; a test checks that the two agree."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone: stored naive UTC)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use aware UTC datetimes")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime()}
+
+
+class User(Base):
+    """A person or service account, local (password) or from the directory (LDAP)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True)
+    display_name: Mapped[str | None] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(16), default="local")
+    """``local`` or ``ldap``."""
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    """argon2id (PHC string); None for directory users and key-only accounts."""
+    is_disabled: Mapped[bool] = mapped_column(default=False)
+    num_failed_logins: Mapped[int] = mapped_column(default=0)
+    locked_until: Mapped[datetime | None]
+    totp_secret: Mapped[str | None] = mapped_column(String(512))
+    """The TOTP seed, encrypted with the server secret (AES-256-GCM, base64)."""
+    is_totp_enabled: Mapped[bool] = mapped_column(default=False)
+    totp_last_step: Mapped[int | None]
+    """The last accepted TOTP time step (a code is never accepted twice)."""
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
+    tpd: Mapped[int | None]
+    max_streams: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+    roles: Mapped[list[Role]] = relationship(secondary="user_roles", lazy="selectin")
+
+
+class Role(Base):
+    """A named set of permissions and of models its holders may use."""
+
+    __tablename__ = "roles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(String(512), default="")
+    is_builtin: Mapped[bool] = mapped_column(default=False)
+    permissions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Model names or glob patterns (``deepseek-*``, ``*``) this role may use."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UserRole(Base):
+    __tablename__ = "user_roles"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    role_id: Mapped[int] = mapped_column(
+        ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class ApiKey(Base):
+    """An API key; only its keyed hash is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    """Public id (``key_…``) used by the admin API and in audit records."""
+    hint: Mapped[str] = mapped_column(String(32))
+    """The first characters of the key, to recognise it in lists (``aicc-sk-AbC1…``)."""
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    """HMAC-SHA-256 of the whole key with the server secret (hex)."""
+    name: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    scopes: Mapped[list[str] | None] = mapped_column(JSON)
+    """Permissions this key may use (None: all of its owner's)."""
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    """Model patterns this key may use (None: all of its owner's)."""
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
+    tpd: Mapped[int | None]
+    max_streams: Mapped[int | None]
+    expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class AuthSession(Base):
+    """A login session (CLI, web console); only its token's keyed hash is stored."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(32), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    is_mfa: Mapped[bool] = mapped_column(default=False)
+    """The login presented a valid second factor."""
+    client: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class DailyUsage(Base):
+    """Tokens used per subject per UTC day: the tokens-per-day quota survives restarts."""
+
+    __tablename__ = "daily_usage"
+    __table_args__ = (UniqueConstraint("subject", "day"), Index("ix_daily_usage_day", "day"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64))
+    """``user:<id>`` or ``key:<key_id>``."""
+    day: Mapped[str] = mapped_column(String(10))
+    """UTC date, ``YYYY-MM-DD``."""
+    num_tokens: Mapped[int] = mapped_column(default=0)
