@@ -76,3 +76,47 @@ class ModelLoadError(AiccError):
     """A model file is missing or llama.cpp could not load it."""
 
     code = "model_load_failed"
+
+
+class AuthenticationError(AiccError):
+    """No valid credential: missing, unknown, expired or revoked (never says which)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(AiccError):
+    """The caller is known but may not do this."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFoundError(AiccError):
+    """A named user, role, key or session does not exist."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ConflictError(AiccError):
+    """The change conflicts with what exists (a duplicate name, a built-in role)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimitedError(AiccError):
+    """A rate limit or quota of the caller's user or key is spent; retry after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

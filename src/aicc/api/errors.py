@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aicc.errors import AiccError, QueueFullError
+from aicc.errors import AiccError, AuthenticationError, QueueFullError, RateLimitedError
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ def error_body(
 
 def error_response(exc: AiccError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
     body = error_body(exc.message, exc.error_type, param=exc.param, code=exc.code)
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
