@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint typecheck bench bench-prefix clean
+.PHONY: install test-services serve test lint typecheck bench bench-prefix clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# Servers the tests start for real: OpenLDAP's slapd, PostgreSQL (Debian packages).
+test-services:
+	bash scripts/install-test-deps.sh
+
+test: lint typecheck test-services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

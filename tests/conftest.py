@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -16,10 +20,17 @@ from aicc.api.app import create_app
 from aicc.config import load_settings
 from aicc.engine.interface import EngineClient
 from aicc.store.local import BUNDLED_MODEL_NAME, ensure_bundled
+from tests.fixtures.postgres import find_postgres_bin, postgres_server
+
+ADMIN_KEY = "aicc-sk-TestAdminKey0123456789abcdefghijklmnopqrstu"
+"""The bootstrap admin's key (roles admin + security) on every test server."""
 
 
 class LiveServer:
     """aicc on 127.0.0.1, in a thread of the test process (so tests can read engine stats)."""
+
+    api_key = ADMIN_KEY
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}  # noqa: RUF012 (read-only by use)
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -51,6 +62,19 @@ class LiveServer:
         engine: EngineClient = self.app.state.engine
         return engine
 
+    def create_user_key(
+        self, username: str, roles: tuple[str, ...] = ("user",), **key_fields: Any
+    ) -> str:
+        """A new user (if needed) holding `roles`, and a new API key of theirs."""
+        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
+            created = client.post("/admin/users", json={"username": username, "roles": roles})
+            assert created.status_code in (201, 409), created.text
+            body = {"user": username, "name": f"test-{username}", **key_fields}
+            response = client.post("/admin/keys", json=body)
+            assert response.status_code == 201, response.text
+            key: str = response.json()["key"]
+            return key
+
     def wait_until_idle(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -69,6 +93,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_server(model_dir: Path, **overrides: Any) -> LiveServer:
+    """A server with a state database of its own, in pytest's temp dir."""
+    overrides.setdefault("state_dir", Path(tempfile.mkdtemp(dir=model_dir.parent, prefix="state-")))
+    overrides.setdefault("admin_key", ADMIN_KEY)
     settings = load_settings(model=BUNDLED_MODEL_NAME, model_dir=model_dir, port=0, **overrides)
     return LiveServer(create_app(settings)).start()
 
@@ -108,3 +135,22 @@ def tiny_server(model_dir: Path) -> Iterator[LiveServer]:
     )
     yield live
     live.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[str]:
+    """One real PostgreSQL server for the session (Debian's package; `initdb` into a temp dir)."""
+    if find_postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (scripts/install-test-deps.sh installs it)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = postgres_cluster.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return postgres_cluster.rsplit("/", 1)[0] + f"/{name}"

@@ -34,7 +34,7 @@ async def _stream_text(client: openai.AsyncOpenAI, topic: str, seed: int) -> str
 
 async def _solo_then_together(server: LiveServer) -> tuple[list[str], list[str], int]:
     async with openai.AsyncOpenAI(
-        base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
     ) as client:
         solo = [await _stream_text(client, topic, 7) for topic in TOPICS]
         steps_before = server.engine.stats().num_steps
@@ -74,7 +74,7 @@ def test_client_disconnect_removes_sequence_from_batch(server: LiveServer) -> No
         "ignore_eos": True,
     }
     with (
-        httpx.Client(base_url=server.base_url, timeout=30) as http,
+        httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as http,
         http.stream("POST", "/v1/completions", json=body) as response,
     ):
         assert response.status_code == 200
@@ -98,7 +98,7 @@ def test_non_streaming_disconnect_aborts(server: LiveServer) -> None:
     before = server.engine.stats()
     body = {"model": MODEL, "prompt": "Story:", "max_tokens": 2000, "ignore_eos": True}
     with (
-        httpx.Client(base_url=server.base_url, timeout=1.0) as http,
+        httpx.Client(base_url=server.base_url, headers=server.headers, timeout=1.0) as http,
         pytest.raises(httpx.ReadTimeout),
     ):
         http.post("/v1/completions", json=body)
@@ -109,7 +109,9 @@ def test_non_streaming_disconnect_aborts(server: LiveServer) -> None:
 def test_context_overflow_is_400(server: LiveServer) -> None:
     max_context = server.engine.model_info.max_context
     prompt = "hello " * (max_context + 10)
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as client:
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
         body = caught.value.body
@@ -133,7 +135,9 @@ def test_queue_full_is_429_with_retry_after(tiny_server: LiveServer) -> None:
     }
     # One slot and one queue place: the first two are accepted, the third refused.
     with (
-        httpx.Client(base_url=tiny_server.base_url, timeout=30) as http,
+        httpx.Client(
+            base_url=tiny_server.base_url, headers=tiny_server.headers, timeout=30
+        ) as http,
         http.stream("POST", "/v1/completions", json=body) as first,
         http.stream("POST", "/v1/completions", json=body) as second,
     ):
@@ -147,14 +151,18 @@ def test_queue_full_is_429_with_retry_after(tiny_server: LiveServer) -> None:
         assert error["type"] == "rate_limit_error"
     tiny_server.wait_until_idle()
     # Once the load is gone, requests are served again.
-    with httpx.Client(base_url=tiny_server.base_url, timeout=30) as http:
+    with httpx.Client(
+        base_url=tiny_server.base_url, headers=tiny_server.headers, timeout=30
+    ) as http:
         ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert ok.status_code == 200
 
 
 def test_request_timeout_frees_the_sequence(tiny_server: LiveServer) -> None:
     body = {"model": MODEL, "prompt": "Story:", "max_tokens": 900, "ignore_eos": True}
-    with httpx.Client(base_url=tiny_server.base_url, timeout=60) as http:
+    with httpx.Client(
+        base_url=tiny_server.base_url, headers=tiny_server.headers, timeout=60
+    ) as http:
         response = http.post("/v1/completions", json=body)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "request_timeout"

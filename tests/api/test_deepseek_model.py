@@ -7,6 +7,7 @@ module; requests go through the official `openai` SDK to a live aicc.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from aicc.api.app import create_app
 from aicc.config import load_settings
-from tests.conftest import LiveServer
+from tests.conftest import ADMIN_KEY, LiveServer
 from tests.models.tiny_deepseek import BOS, write_tiny_deepseek
 
 MODEL = "tiny-deepseek-v3"
@@ -45,6 +46,8 @@ def _start(model_path: Path, *, batch_invariant: bool) -> LiveServer:
         max_batch_size=8,
         ctx_size=4096,
         batch_invariant=batch_invariant,
+        admin_key=ADMIN_KEY,
+        state_dir=Path(tempfile.mkdtemp(dir=model_path.parent, prefix="state-")),
     )
     return LiveServer(create_app(settings)).start()
 
@@ -81,7 +84,9 @@ def test_chat_uses_the_deepseek_v3_template(server: LiveServer) -> None:
     token_ids = server.engine.tokenize(prompt, add_special=False)
     # BOS, 9 bytes of "Be brief.", <｜User｜>, "Hi" (2), <｜Assistant｜>: specials are one token.
     assert len(token_ids) == 1 + 9 + 1 + 2 + 1
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as client:
         response = client.chat.completions.create(
             model=MODEL,
             messages=messages,  # type: ignore[arg-type]
@@ -97,7 +102,9 @@ def test_chat_uses_the_deepseek_v3_template(server: LiveServer) -> None:
 
 
 def test_completion(server: LiveServer) -> None:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0) as client:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as client:
         response = client.completions.create(
             model=MODEL,
             prompt="Once upon a time",
@@ -136,7 +143,7 @@ async def _complete(client: openai.AsyncOpenAI, prompt: str) -> str:
 async def _alone_then_together(server: LiveServer) -> tuple[list[str], list[str], list[str]]:
     """Each prompt alone (twice), then all at once with two other prompts in the batch."""
     async with openai.AsyncOpenAI(
-        base_url=server.base_url + "/v1", api_key="x", max_retries=0
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
     ) as client:
         alone = [await _complete(client, prompt) for prompt in PROMPTS]
         again = [await _complete(client, prompt) for prompt in PROMPTS]
@@ -169,7 +176,7 @@ class _PeakRunning:
 
 async def _concurrently(server: LiveServer, num_requests: int) -> list[str]:
     async with openai.AsyncOpenAI(
-        base_url=server.base_url + "/v1", api_key="x", max_retries=0
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
     ) as client:
         prompts = [f"Request number {i}:" for i in range(num_requests)]
         return list(await asyncio.gather(*(_complete(client, p) for p in prompts)))
@@ -225,7 +232,9 @@ def test_r1_reasoning_goes_to_reasoning_content(r1_server: LiveServer) -> None:
     assert chat.renderer.template_name == "deepseek-r1"
     assert chat.reasoning
     assert chat.renderer.starts_in_reasoning
-    with openai.OpenAI(base_url=r1_server.base_url + "/v1", api_key="x", max_retries=0) as client:
+    with openai.OpenAI(
+        base_url=r1_server.base_url + "/v1", api_key=r1_server.api_key, max_retries=0
+    ) as client:
         common: dict[str, object] = {
             "model": "tiny-deepseek-r1",
             "messages": [{"role": "user", "content": "Think first."}],

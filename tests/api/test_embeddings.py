@@ -22,7 +22,9 @@ Vector = npt.NDArray[np.float64]
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as c:
         yield c
 
 
@@ -52,7 +54,9 @@ def test_float_and_base64_give_the_same_vectors(client: openai.OpenAI, server: L
     as_floats = embed(client, texts, encoding_format="float")
     as_sdk_default = embed(client, texts)  # the SDK asks for base64 and decodes it
     body = {"model": MODEL, "input": texts, "encoding_format": "base64"}
-    raw = httpx.post(server.base_url + "/v1/embeddings", json=body, timeout=60).json()
+    raw = httpx.post(
+        server.base_url + "/v1/embeddings", json=body, timeout=60, headers=server.headers
+    ).json()
     decoded = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in raw["data"]]
     for floats, sdk, raw_vector in zip(as_floats, as_sdk_default, decoded, strict=True):
         assert np.array_equal(floats, sdk)
@@ -93,7 +97,9 @@ def test_batch_equals_one_by_one(client: openai.OpenAI) -> None:
 
 def test_batch_invariant_mode_is_exact(deterministic_server: LiveServer) -> None:
     with openai.OpenAI(
-        base_url=deterministic_server.base_url + "/v1", api_key="unused", max_retries=0
+        base_url=deterministic_server.base_url + "/v1",
+        api_key=deterministic_server.api_key,
+        max_retries=0,
     ) as client:
         batched = embed(client, BATCH_TEXTS)
         for index in (0, 1, 30, 62, 63, 64, 68, 69):
@@ -170,7 +176,7 @@ def test_async_client_concurrent_requests(client: openai.OpenAI, server: LiveSer
 
     async def run() -> list[list[float]]:
         async with openai.AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+            base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
         ) as aclient:
             responses = await asyncio.gather(
                 *(aclient.embeddings.create(model=MODEL, input=text) for text in texts)
@@ -186,14 +192,13 @@ def test_embedding_during_a_chat_stream(client: openai.OpenAI, server: LiveServe
     options = {"max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
     # Another tenant's key: the stream below must not reuse the reference's cached prompt
     # (a cache hit computes the last prompt token in a batch of another shape).
-    with openai.OpenAI(
-        base_url=server.base_url + "/v1", api_key="reference-tenant", max_retries=0
-    ) as other:
+    other_key = server.create_user_key("embedding-reference-tenant")
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=other_key, max_retries=0) as other:
         reference = other.chat.completions.create(model=MODEL, messages=messages, **options)  # type: ignore[call-overload]
 
     async def run() -> tuple[str, str | None, int]:
         async with openai.AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+            base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
         ) as aclient:
             stream = await aclient.chat.completions.create(
                 model=MODEL, messages=messages, stream=True, **options

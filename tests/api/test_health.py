@@ -8,6 +8,7 @@ import httpx
 
 from aicc.api.app import create_app
 from aicc.config import load_settings
+from tests.conftest import ADMIN_KEY
 
 
 def test_readyz_is_503_until_the_engine_is_up() -> None:
@@ -19,7 +20,11 @@ def test_readyz_is_503_until_the_engine_is_up() -> None:
             return (
                 await client.get("/readyz"),
                 await client.get("/healthz"),
-                await client.post("/v1/completions", json={"model": "m", "prompt": "x"}),
+                await client.post(
+                    "/v1/completions",
+                    json={"model": "m", "prompt": "x"},
+                    headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                ),
             )
 
     ready, health, completion = asyncio.run(probe())

@@ -14,7 +14,9 @@ from tests.conftest import LiveServer
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as c:
         yield c
 
 
@@ -42,7 +44,7 @@ def test_unknown_model_is_404(client: openai.OpenAI, model_id: str) -> None:
 def test_async_client(server: LiveServer) -> None:
     async def run() -> tuple[str, int]:
         async with openai.AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+            base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
         ) as client:
             model = await client.models.retrieve(BUNDLED_MODEL_NAME)
             try:

@@ -50,7 +50,9 @@ TIME_TOOL: Any = {
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as c:
         yield c
 
 
@@ -354,7 +356,7 @@ def test_tool_results_in_history_and_tool_choice_none(client: openai.OpenAI) -> 
 def test_async_client_parallel_features(server: LiveServer) -> None:
     async def run() -> list[Any]:
         async with openai.AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+            base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
         ) as client:
             return await asyncio.gather(
                 client.chat.completions.create(
@@ -443,7 +445,7 @@ def test_bad_inputs_are_400_and_streams_keep_flowing(
 ) -> None:
     async def run() -> tuple[Any, str]:
         async with openai.AsyncOpenAI(
-            base_url=server.base_url + "/v1", api_key="unused", max_retries=0
+            base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
         ) as client:
             stream = await client.chat.completions.create(
                 model=MODEL,

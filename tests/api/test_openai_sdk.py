@@ -16,7 +16,9 @@ QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0
+    ) as c:
         yield c
 
 
@@ -145,7 +147,9 @@ def test_seed_determinism(deterministic_server: LiveServer) -> None:
     served from the prefix cache: only the last prompt token is recomputed, in a batch of a
     different shape, which can move low-order bits of the logits and so a sampled token.)"""
     client = openai.OpenAI(
-        base_url=deterministic_server.base_url + "/v1", api_key="unused", max_retries=0
+        base_url=deterministic_server.base_url + "/v1",
+        api_key=deterministic_server.api_key,
+        max_retries=0,
     )
 
     def sample(seed: int) -> str:

@@ -14,7 +14,7 @@ TEXT = "Hello, world! héllo 世界 🙂"
 
 @pytest.fixture(scope="module")
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+    with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as client:
         yield client
 
 

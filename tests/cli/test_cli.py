@@ -74,16 +74,18 @@ def test_models_list_shows_bundled_and_model_dir(model_dir: Path) -> None:
     assert "bundled" in result.stdout
 
 
-def test_serve_prints_url_and_examples_and_answers(model_dir: Path) -> None:
+def test_serve_prints_url_and_examples_and_answers(model_dir: Path, tmp_path: Path) -> None:
     gguf = model_dir / f"{BUNDLED_MODEL_NAME}.gguf"
+    env = {k: v for k, v in os.environ.items() if k != "AICC_ADMIN_KEY"}
     process = subprocess.Popen(
         [
             sys.executable, "-m", "aicc", "serve", "--model-path", str(gguf), "--port", "0",
             "--max-batch-size", "2", "--ctx-size", "1024", "--device", "cpu",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
         text=True,
+        env={**env, "AICC_STATE_DIR": str(tmp_path / "state")},
     )  # fmt: skip
     try:
         assert process.stdout is not None
@@ -98,7 +100,12 @@ def test_serve_prints_url_and_examples_and_answers(model_dir: Path) -> None:
         assert match, banner
         assert "curl http://127.0.0.1:" in banner
         url = match.group(0)
-        models = httpx.get(url + "/v1/models", timeout=10).json()
+        # An empty database: the first admin's key is printed once, and the API needs it.
+        key = re.search(r"aicc-sk-[A-Za-z0-9_-]{43}", banner)
+        assert key, banner
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        headers = {"Authorization": f"Bearer {key.group(0)}"}
+        models = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()
         assert models["data"][0]["id"] == BUNDLED_MODEL_NAME
         ready = httpx.get(url + "/readyz", timeout=10)
         assert ready.status_code == 200

@@ -16,6 +16,7 @@ from aicc.api.openai.serving import (
     Json,
     OpenAIServing,
     PreparedRequest,
+    UsageRecorder,
     finish_reason_json,
     off_loop_if_large,
 )
@@ -64,7 +65,7 @@ class ChatServing:
         )
 
     async def start(
-        self, body: ChatCompletionRequest, scope: str
+        self, body: ChatCompletionRequest, scope: str, usage: UsageRecorder | None = None
     ) -> tuple[PreparedRequest, ChatPlan]:
         self.core.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
@@ -88,7 +89,7 @@ class ChatServing:
             grammar=grammar,
             render_special=plan.reasoning or plan.tool_format is not None,
         )
-        return self.core.start("chatcmpl", body, token_ids, params, scope), plan
+        return self.core.start("chatcmpl", body, token_ids, params, scope, usage), plan
 
     def response(self, prepared: PreparedRequest, plan: ChatPlan, collected: Collected) -> Json:
         choices = []

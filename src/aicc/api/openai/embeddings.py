@@ -18,8 +18,9 @@ from pydantic import (
     field_validator,
 )
 
+from aicc.api.access import Caller
 from aicc.api.openai.routes import Serving, until_disconnected
-from aicc.api.openai.serving import OpenAIServing, off_loop_if_large
+from aicc.api.openai.serving import OpenAIServing, UsageRecorder, off_loop_if_large
 from aicc.errors import InvalidRequestError
 
 MAX_INPUTS = 2048
@@ -67,7 +68,7 @@ class EmbeddingServing:
         self.core = core
         self.engine = core.engine
 
-    async def create(self, body: EmbeddingRequest) -> Json:
+    async def create(self, body: EmbeddingRequest, usage: UsageRecorder | None = None) -> Json:
         """The response body. Raises `ModelNotFoundError`, `InvalidRequestError`, and what
         `EngineClient.embed` raises."""
         self.core.check_model(body.model)
@@ -84,6 +85,8 @@ class EmbeddingServing:
             vectors = _unit_rows(vectors[:, : body.dimensions])
         encode = _base64 if body.encoding_format == "base64" else _floats
         num_tokens = sum(len(tokens) for tokens in inputs)
+        if usage is not None:
+            usage.record(num_tokens, 0)
         return {
             "object": "list",
             "data": [
@@ -146,7 +149,8 @@ def get_embedding_serving(serving: Serving) -> EmbeddingServing:
 async def create_embeddings(
     body: EmbeddingRequest,
     serving: Annotated[EmbeddingServing, Depends(get_embedding_serving)],
+    caller: Caller,
     request: Request,
 ) -> JSONResponse:
     # A client that goes away stops the work between groups of inputs.
-    return JSONResponse(await until_disconnected(request, serving.create(body)))
+    return JSONResponse(await until_disconnected(request, serving.create(body, caller.usage)))

@@ -9,9 +9,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from aicc.api.access import Caller, check_model_access
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
-from aicc.api.openai.serving import OpenAIServing, tenant_scope
+from aicc.api.openai.serving import OpenAIServing
 from aicc.api.sse import EventStreamResponse
 from aicc.errors import EngineUnavailableError
 
@@ -33,22 +34,15 @@ def get_chat(request: Request) -> ChatServing:
     return chat
 
 
-def get_cache_scope(request: Request) -> str:
-    """Which prefix-cache partition the caller's requests share (its credential's digest)."""
-    authorization = request.headers.get("authorization", "")
-    return tenant_scope(authorization.removeprefix("Bearer ") or request.headers.get("x-api-key"))
-
-
 Serving = Annotated[OpenAIServing, Depends(get_serving)]
 Chat = Annotated[ChatServing, Depends(get_chat)]
-CacheScope = Annotated[str, Depends(get_cache_scope)]
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, chat: Chat, scope: CacheScope, request: Request
+    body: ChatCompletionRequest, chat: Chat, caller: Caller, request: Request
 ) -> Response:
-    prepared, plan = await chat.start(body, scope)
+    prepared, plan = await chat.start(body, caller.cache_scope, caller.usage)
     if body.stream:
         return EventStreamResponse(chat.chunks(prepared, plan))
     collected = await until_disconnected(request, chat.core.collect(prepared))
@@ -57,9 +51,9 @@ async def create_chat_completion(
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, serving: Serving, scope: CacheScope, request: Request
+    body: CompletionRequest, serving: Serving, caller: Caller, request: Request
 ) -> Response:
-    prepared = await serving.start_completion(body, scope)
+    prepared = await serving.start_completion(body, caller.cache_scope, caller.usage)
     if body.stream:
         return EventStreamResponse(serving.completion_chunks(prepared))
     completion = await until_disconnected(request, serving.collect(prepared))
@@ -67,13 +61,17 @@ async def create_completion(
 
 
 @router.get("/v1/models")
-async def list_models(serving: Serving) -> dict[str, Any]:
-    return {"object": "list", "data": [serving.model_card()]}
+async def list_models(serving: Serving, caller: Caller) -> dict[str, Any]:
+    """The models this caller may use."""
+    cards = [serving.model_card()]
+    allowed = [card for card in cards if caller.principal.can_use_model(card["id"])]
+    return {"object": "list", "data": allowed}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, serving: Serving) -> dict[str, Any]:
+async def retrieve_model(model_id: str, serving: Serving, caller: Caller) -> dict[str, Any]:
     # `:path`: served names may contain "/" (e.g. "org/model").
+    check_model_access(caller.principal, model_id)
     serving.check_model(model_id)
     return serving.model_card()
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aicc.api.openai.logprobs import completion_logprobs
 from aicc.api.openai.protocol import CompletionRequest, SamplingBody
@@ -28,6 +28,12 @@ from aicc.errors import AiccError, InvalidRequestError, ModelNotFoundError
 
 Json = dict[str, Any]
 T = TypeVar("T")
+
+
+class UsageRecorder(Protocol):
+    """Receives a request's real token counts once its events end (quotas, metering)."""
+
+    def record(self, num_prompt_tokens: int, num_completion_tokens: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +104,9 @@ class OpenAIServing:
         }
 
     # -- text completions ------------------------------------------------------------------
-    async def start_completion(self, body: CompletionRequest, scope: str) -> PreparedRequest:
+    async def start_completion(
+        self, body: CompletionRequest, scope: str, usage: UsageRecorder | None = None
+    ) -> PreparedRequest:
         self.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -108,7 +116,7 @@ class OpenAIServing:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
             token_ids = await off_loop_if_large(len(text), self._tokenize_with_bos, text)
         params = self.sampling_params(body, body.max_tokens, num_top_logprobs=body.logprobs)
-        return self.start("cmpl", body, token_ids, params, scope)
+        return self.start("cmpl", body, token_ids, params, scope, usage)
 
     def completion_response(self, prepared: PreparedRequest, collected: Collected) -> Json:
         choices = [
@@ -155,10 +163,13 @@ class OpenAIServing:
         token_ids: list[int],
         params: SamplingParams,
         scope: str,
+        usage: UsageRecorder | None = None,
     ) -> PreparedRequest:
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         request = GenerationRequest(response_id, tuple(token_ids), params, cache_scope=scope)
         events = self.engine.generate(request)
+        if usage is not None:
+            events = _metered(events, params.n, usage)
         return PreparedRequest(
             response_id,
             int(time.time()),
@@ -283,14 +294,6 @@ class OpenAIServing:
         )
 
 
-def tenant_scope(credential: str | None) -> str:
-    """The prefix-cache partition of a caller: a digest of the credential it presented (the
-    authenticated principal replaces this once API keys exist)."""
-    if not credential:
-        return "anonymous"
-    return hashlib.sha256(credential.encode()).hexdigest()[:32]
-
-
 _LARGE_INPUT_SIZE = 16384
 """Inputs larger than this (characters, or token ids) are tokenized, rendered or detokenized in
 a worker thread (milliseconds of work that must not stall every other stream on the loop)."""
@@ -331,6 +334,22 @@ def usage_json(num_prompt: int, num_generated: int) -> Json:
         "completion_tokens": num_generated,
         "total_tokens": num_prompt + num_generated,
     }
+
+
+async def _metered(
+    events: AsyncIterator[TokenEvent], num_choices: int, usage: UsageRecorder
+) -> AsyncIterator[TokenEvent]:
+    """`events`, reporting the tokens used when they end — also when the client went away."""
+    generated = [0] * num_choices
+    num_prompt = 0
+    try:
+        async for event in events:
+            generated[event.index] = event.num_generated_tokens
+            num_prompt = event.num_prompt_tokens
+            yield event
+    finally:
+        await close_events(events)
+        usage.record(num_prompt, sum(generated))
 
 
 async def close_events(events: AsyncIterator[TokenEvent]) -> None:
