@@ -32,6 +32,13 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to run.  [default: cpu]")
 @click.option("--max-queue", type=int, help="Requests that may wait for a slot.  [default: 256]")
 @click.option("--served-model-name", help="Name clients put in `model`.")
+@click.option("--database-url", help="State database URL.  [default: SQLite in the state dir]")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Database and secret dir.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="PEM certificate: serve HTTPS.")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="PEM key of --tls-cert.")
+@click.option(
+    "--tls-client-ca", type=click.Path(path_type=Path), help="Require client certs from this CA."
+)
 @click.option(
     "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
 )
@@ -92,3 +99,23 @@ def _human_size(num_bytes: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+from aicc.cli.certs import certs  # noqa: E402  (imports nothing from this module)
+
+main.add_command(certs)
+
+
+from aicc.cli.identity import login, logout, passwd, totp, whoami  # noqa: E402
+from aicc.cli.keys import keys  # noqa: E402
+from aicc.cli.roles import roles  # noqa: E402
+from aicc.cli.users import users  # noqa: E402
+
+main.add_command(login)
+main.add_command(logout)
+main.add_command(whoami)
+main.add_command(passwd)
+main.add_command(totp)
+main.add_command(users)
+main.add_command(keys)
+main.add_command(roles)

@@ -12,6 +12,7 @@ from aicc.api.app import create_app
 from aicc.config import Settings
 from aicc.errors import AiccError
 from aicc.store.local import BUNDLED_MODEL_NAME, resolve_model
+from aicc.tls import uvicorn_config
 
 
 def run_server(settings: Settings) -> None:
@@ -21,17 +22,12 @@ def run_server(settings: Settings) -> None:
     if settings.model == BUNDLED_MODEL_NAME:
         click.echo(f"aicc: preparing the bundled model in {settings.model_dir} ...", err=True)
     model = resolve_model(settings.model, settings.model_dir)
-    app = create_app(settings, model)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
-    )
+    app = create_app(settings, model, on_bootstrap_key=_show_bootstrap_key)
+    config = uvicorn_config(app, settings, timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     try:
-        asyncio.run(_serve(server, settings.served_model_name or model.name))
+        scheme = "https" if settings.tls_cert is not None else "http"
+        asyncio.run(_serve(server, settings.served_model_name or model.name, scheme))
     except SystemExit:  # uvicorn exits when the app's start-up fails
         if app.state.startup_error is None:
             raise
@@ -40,27 +36,40 @@ def run_server(settings: Settings) -> None:
         raise error if error is not None else AiccError("the server failed to start")
 
 
-async def _serve(server: uvicorn.Server, model_name: str) -> None:
+def _show_bootstrap_key(key: str) -> None:
+    # Straight to the terminal, never through logging: this is the only time it is shown.
+    click.echo(
+        "\naicc: created the first user, 'admin' (roles admin, security). Its API key is shown "
+        f"only now; store it safely:\n\n  {key}\n",
+        err=True,
+    )
+
+
+async def _serve(server: uvicorn.Server, model_name: str, scheme: str) -> None:
     task = asyncio.create_task(server.serve())
     # uvicorn offers no "listening" event; poll its flag (the sockets exist only then).
     while not server.started and not task.done():  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     if server.started:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
-        click.echo(_banner(f"http://{host}:{port}", model_name))
+        click.echo(_banner(f"{scheme}://{host}:{port}", model_name))
     await task
 
 
 def _banner(url: str, model: str) -> str:
     messages = '[{"role": "user", "content": "Hello!"}]'
     python = (
-        f'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="none"); '
+        "import os; from openai import OpenAI; "
+        f'c = OpenAI(base_url="{url}/v1", api_key=os.environ["AICC_API_KEY"]); '
         f'print(c.chat.completions.create(model="{model}", messages={messages}, '
         "max_tokens=64).choices[0].message.content)"
     )
     return (
-        f"\naicc is serving {model} at {url}\n\n"
+        f"\naicc is serving {model} at {url}\n"
+        "(set AICC_API_KEY to your key: the admin key printed at first start, or one from "
+        "`aicc keys create`)\n\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        '    -H "Authorization: Bearer $AICC_API_KEY" \\\n'
         f"""    -d '{{"model": "{model}", "messages": {messages}, "max_tokens": 64}}'\n\n"""
         f"  python -c '{python}'\n"
     )
