@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import uvicorn
 
@@ -52,13 +53,31 @@ def ttft(client: openai.OpenAI, system: str, question: str) -> float:
     return time.perf_counter() - start
 
 
+ADMIN = "aicc-sk-BenchmarkKey0123456789abcdefghijklmnopqrst"
+
+
+def user_key(url: str, username: str) -> str:
+    """A new user holding the `user` role, and an API key of theirs."""
+    base = url.removesuffix("/v1")
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=base, headers=auth, timeout=30) as admin:
+        admin.post("/admin/users", json={"username": username, "roles": ["user"]})
+        response = admin.post("/admin/keys", json={"user": username, "name": "bench"})
+        response.raise_for_status()
+        key: str = response.json()["key"]
+        return key
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     model_dir = Path(tempfile.gettempdir()) / "aicc-bench-models"
     ensure_bundled(model_dir)
-    settings = load_settings(model=BUNDLED_MODEL_NAME, model_dir=model_dir, port=0)
+    state_dir = Path(tempfile.mkdtemp(prefix="aicc-bench-state-"))
+    settings = load_settings(
+        model=BUNDLED_MODEL_NAME, model_dir=model_dir, port=0, state_dir=state_dir, admin_key=ADMIN
+    )
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -67,8 +86,9 @@ def main() -> int:
         time.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    tenant_a = openai.OpenAI(base_url=url, api_key="tenant-a-key", max_retries=0)
-    tenant_b = openai.OpenAI(base_url=url, api_key="tenant-b-key", max_retries=0)
+    # Tenants are users: two users, a key each.
+    tenant_a = openai.OpenAI(base_url=url, api_key=user_key(url, "tenant-a"), max_retries=0)
+    tenant_b = openai.OpenAI(base_url=url, api_key=user_key(url, "tenant-b"), max_retries=0)
     try:
         num_tokens = len(app.state.engine.tokenize(system_prompt(0), add_special=False))
         ttft(tenant_a, system_prompt(-1), "warm-up")

@@ -108,6 +108,11 @@ class LevelResult:
         return sorted(t * 1000 for r in self._all() if (t := r.tpot_s) is not None)
 
 
+BENCH_KEY = "aicc-sk-BenchmarkKey0123456789abcdefghijklmnopqrst"
+"""aicc's admin key in this run (peers ignore the header)."""
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,14 +123,16 @@ def free_port() -> int:
 def running(command: list[str], port: int, log: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        # aicc's state (database, secret) goes to a fresh folder beside the log.
+        env = {**os.environ, "AICC_ADMIN_KEY": BENCH_KEY, "AICC_STATE_DIR": str(log) + ".state"}
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"{command[0]} exited; see {log}")
                 try:
-                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    if httpx.get(url + "/v1/models", headers=AUTH, timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
@@ -177,7 +184,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str) -> Req
 
 
 async def warm_up(url: str, model: str) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600) as client:
         await one_request(client, model, "Warm up.")
 
 
@@ -187,7 +194,7 @@ async def run_round(url: str, model: str, concurrency: int, round_index: int) ->
     # A fresh connection per request: llama-server closes kept-alive connections after a few
     # requests, and a reused dead connection would fail a request for the client's sake.
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600, limits=limits) as client:
         queue: asyncio.Queue[str] = asyncio.Queue()
         for prompt in prompts:
             queue.put_nowait(prompt)
