@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from aicc.engine.types import EngineHealth, EngineStats, GenerationRequest, ModelInfo, TokenEvent
+from aicc.engine.types import (
+    EngineHealth,
+    EngineStats,
+    GenerationRequest,
+    ModelInfo,
+    StepSample,
+    TokenEvent,
+)
 
 
 class EngineClient(Protocol):
@@ -37,6 +44,10 @@ class EngineClient(Protocol):
     def health(self) -> EngineHealth: ...
 
     def stats(self) -> EngineStats: ...
+
+    def drain_step_samples(self) -> list[StepSample]:
+        """The steps run since the last call, oldest first (a bounded buffer: the oldest are
+        dropped when nobody drains it); empty when the engine is stopped."""
 
     @property
     def embedding_size(self) -> int:

@@ -96,6 +96,9 @@ class TokenEvent:
     """Which of the request's `n` choices this event belongs to."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """Of the tokens sampled in this event (when the request asked for them)."""
+    queue_time_s: float | None = None
+    """On a choice's first token only: seconds from submission to its first scheduled prompt
+    chunk (the time it waited for a batch slot and KV cells)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,18 @@ class EngineStats:
     num_finished: int
     num_aborted: int
     last_step_batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepSample:
+    """One engine step, for the batch-size and step-time histograms."""
+
+    batch_size: int
+    """Sequences (chunks) in the step."""
+    num_tokens: int
+    """Tokens fed to the model in the step (prompt chunks and decodes)."""
+    duration_s: float
+    """Wall time of the step's decode calls and sampling."""
 
 
 @dataclass(frozen=True, slots=True)

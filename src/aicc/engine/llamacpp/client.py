@@ -21,6 +21,7 @@ from aicc.engine.types import (
     GenerationRequest,
     ModelInfo,
     SamplingParams,
+    StepSample,
     TokenEvent,
 )
 from aicc.errors import (
@@ -164,6 +165,14 @@ class LlamaCppEngine:
             num_aborted=counters.num_aborted,
             last_step_batch_size=counters.last_step_batch_size,
         )
+
+    def drain_step_samples(self) -> list[StepSample]:
+        engine_loop = self._loop_runner
+        if engine_loop is None:
+            return []
+        samples = engine_loop.step_samples
+        # Only this method pops, so the length cannot shrink under us while the thread appends.
+        return [samples.popleft() for _ in range(len(samples))]
 
     @property
     def embedding_size(self) -> int:

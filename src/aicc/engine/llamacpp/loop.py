@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from aicc.engine.types import (
     FinishReason,
     GenerationRequest,
     SamplingParams,
+    StepSample,
     TokenEvent,
     TokenLogprob,
 )
@@ -30,6 +32,8 @@ StreamItem = TokenEvent | BaseException
 Delivery = list[tuple[asyncio.Queue[StreamItem], StreamItem]]
 
 _IDLE_WAIT_S = 0.5
+_MAX_STEP_SAMPLES = 4096
+"""Steps kept for metrics between scrapes; older ones are dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,8 @@ class Submit:
     request: GenerationRequest
     max_tokens: int
     out: asyncio.Queue[StreamItem]
+    submitted_at: float = field(default_factory=time.perf_counter)
+    """When the client submitted it (for the queue time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +62,15 @@ class _Choice:
     sampler: SamplerChain
     detokenizer: IncrementalDetokenizer
     request: _Request
+    queue_time_s: float | None = None
+    """Set when its first prompt chunk is scheduled; sent with its first token."""
 
 
 @dataclass(slots=True, eq=False)
 class _Request:
     params: SamplingParams
     out: asyncio.Queue[StreamItem]
+    submitted_at: float
     choices: list[_Choice] = field(default_factory=list)
 
 
@@ -95,6 +104,8 @@ class EngineLoop:
         self._num_arrived = 0
         self._pending: Delivery = []
         self.counters = LoopCounters()
+        self.step_samples: deque[StepSample] = deque(maxlen=_MAX_STEP_SAMPLES)
+        """Appended here, drained by the event loop (deque append/popleft are thread-safe)."""
         self.last_tick = time.monotonic()
         """Updated every iteration; readiness checks that the loop is alive."""
         self.error: BaseException | None = None
@@ -142,7 +153,7 @@ class EngineLoop:
 
     def _submit(self, message: Submit) -> None:
         request, params = message.request, message.request.params
-        state = _Request(params, message.out)
+        state = _Request(params, message.out, message.submitted_at)
         try:
             for index in range(params.n):
                 state.choices.append(self._new_choice(request, message.max_tokens, index, state))
@@ -206,12 +217,28 @@ class EngineLoop:
     # -- one step --------------------------------------------------------------------------
     def _step(self) -> None:
         output = self.scheduler.schedule()
+        started = time.perf_counter()
+        self._note_queue_times(output.chunks, started)
         for group in output.decode_groups(self.scheduler.config.is_batch_invariant):
             if not self._decode_and_sample(group):
                 break
         self._apply_kv_ops()
+        duration_s = time.perf_counter() - started
         self.counters.num_steps += 1
         self.counters.last_step_batch_size = len(output.chunks)
+        if output.chunks:
+            self.step_samples.append(StepSample(len(output.chunks), output.num_tokens, duration_s))
+
+    def _note_queue_times(self, chunks: tuple[ScheduledChunk, ...], now: float) -> None:
+        """Stamp choices whose prompt starts computing now with their time in the queue."""
+        # Prefill chunks come after the decodes: a decode-only step costs one look.
+        for chunk in reversed(chunks):
+            if chunk.is_decode:
+                return
+            for seq in (chunk.seq, *chunk.seq.forks):  # forks sample from this prompt's logits
+                choice = self._choices.get(seq)
+                if choice is not None and choice.queue_time_s is None:
+                    choice.queue_time_s = now - choice.request.submitted_at
 
     def _decode_and_sample(self, chunks: tuple[ScheduledChunk, ...]) -> bool:
         """One `llama_decode` call, then sampling from its logits. False: skip the rest."""
@@ -272,7 +299,13 @@ class EngineLoop:
                 del self._requests[seq.request_id]
                 self.counters.num_finished += 1
         event = TokenEvent(
-            text, seq.num_prompt_tokens, seq.num_generated, reason, seq.index, logprobs
+            text,
+            seq.num_prompt_tokens,
+            seq.num_generated,
+            reason,
+            seq.index,
+            logprobs,
+            choice.queue_time_s if seq.num_generated == 1 else None,
         )
         self._pending.append((choice.request.out, event))
 
