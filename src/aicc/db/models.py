@@ -8,12 +8,15 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -164,3 +167,58 @@ class DailyUsage(Base):
     day: Mapped[str] = mapped_column(String(10))
     """UTC date, ``YYYY-MM-DD``."""
     num_tokens: Mapped[int] = mapped_column(default=0)
+
+
+class AuditEntryRow(Base):
+    """One hash-chained audit entry (`aicc.audit`). Written only by the audit writer thread;
+    never updated. `hash` = SHA-256(prev_hash ‖ canonical JSON of every other column)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_time", "time"),
+        Index("ix_audit_log_username", "username"),
+        Index("ix_audit_log_model", "model"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    """Contiguous from 1, in commit order."""
+    time: Mapped[datetime]
+    action: Mapped[str] = mapped_column(String(64))
+    """``api.call``, ``audit.purge``, ``audit.recovered``, …"""
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    username: Mapped[str | None] = mapped_column(String(128))
+    user_id: Mapped[int | None]
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    session_id: Mapped[str | None] = mapped_column(String(32))
+    roles: Mapped[list[str]] = mapped_column(JSON)
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+    method: Mapped[str | None] = mapped_column(String(16))
+    route: Mapped[str | None] = mapped_column(String(256))
+    path: Mapped[str | None] = mapped_column(String(2048))
+    model: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[int]
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    body_sha256: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prompt_enc: Mapped[str | None] = mapped_column(Text)
+    """AES-256-GCM, base64(nonce ‖ ciphertext); only with `audit_capture_content`."""
+    completion_enc: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditOpenCall(Base):
+    """A streamed call in progress: committed before its response headers go out, deleted in
+    the transaction that appends its entry. Rows left by a crash become ``audit.recovered``."""
+
+    __tablename__ = "audit_open"
+
+    call_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    opened_at: Mapped[datetime]
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    fields: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The entry as known when the call opened (`AuditEntry.to_fields()`)."""
