@@ -1,0 +1,1 @@
+"""Metrics, GPU readings and the metrics port; the audit log and logs live beside them."""
