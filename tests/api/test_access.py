@@ -54,6 +54,10 @@ MATRIX: list[tuple[str, str, str]] = [
     ("PATCH", "/admin/roles/no-such-role", "roles:write"),
     ("DELETE", "/admin/roles/no-such-role", "roles:write"),
     ("GET", "/admin/config", "config:read"),
+    ("GET", "/metrics", "metrics:read"),
+    ("GET", "/admin/audit", "audit:read"),
+    ("GET", "/admin/audit/export", "audit:read"),
+    ("POST", "/admin/audit/purge", "audit:purge"),
 ]
 # Enrolment has a side effect only on the caller itself; checked separately below.
 SIDE_EFFECT_ROUTES = {("POST", "/auth/totp/enroll")}

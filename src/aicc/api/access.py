@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from aicc.api.openai.serving import Metering
+from aicc.api.record import CallRecord, call_record
 from aicc.auth.deps import require
 from aicc.auth.permissions import Permission
 from aicc.auth.principal import Principal
@@ -24,6 +26,14 @@ from aicc.quota import RateLimiter, UsageLease
 class InferenceCaller:
     principal: Principal
     usage: UsageLease
+    record: CallRecord | None = None
+    """This call's record (tokens, timings, finish reason land there)."""
+    capture_content: bool = False
+    """Keep the completion text on the record (audit content capture)."""
+
+    @property
+    def metering(self) -> Metering:
+        return Metering(self.usage, self.record, self.capture_content)
 
     @property
     def cache_scope(self) -> str:
@@ -42,7 +52,15 @@ def check_model_access(principal: Principal, model: str) -> None:
 async def inference_caller(
     request: Request, principal: Annotated[Principal, require(Permission.INFERENCE)]
 ) -> AsyncIterator[InferenceCaller]:
-    model = await _requested_model(request)
+    body = await _json_body(request)
+    model = _requested_model(request, body)
+    capture: bool = request.app.state.settings.audit_capture_content
+    record = call_record(request)
+    if record is not None:
+        record.model = model
+        record.is_stream = bool(body.get("stream")) if body else False
+        if capture and body:
+            record.prompt_text = _content_of(body)
     if model is not None:
         check_model_access(principal, model)
     limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
@@ -50,7 +68,7 @@ async def inference_caller(
         raise EngineUnavailableError("the server is starting; retry shortly")
     lease = limiter.acquire(principal)
     try:
-        yield InferenceCaller(principal, lease)
+        yield InferenceCaller(principal, lease, record, capture)
     finally:
         lease.release()
 
@@ -58,17 +76,49 @@ async def inference_caller(
 Caller = Annotated[InferenceCaller, Depends(inference_caller)]
 
 
-async def _requested_model(request: Request) -> str | None:
-    """The `model` a request names: its path parameter, or its JSON body's field. A body that
-    does not parse is left to the route's validation (400)."""
-    model = request.path_params.get("model_id")
-    if isinstance(model, str):
-        return model
+async def inference_reader(
+    request: Request, principal: Annotated[Principal, require(Permission.INFERENCE)]
+) -> Principal:
+    """The lighter check of routes that generate nothing (model lists, tokenization): the
+    model allow-list and requests per minute, no stream slot."""
+    model = _requested_model(request, await _json_body(request))
+    record = call_record(request)
+    if model is not None:
+        if record is not None:
+            record.model = model
+        check_model_access(principal, model)
+    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
+    if limiter is None:
+        raise EngineUnavailableError("the server is starting; retry shortly")
+    limiter.admit(principal)
+    return principal
+
+
+Reader = Annotated[Principal, Depends(inference_reader)]
+
+
+async def _json_body(request: Request) -> dict[str, Any] | None:
+    """The JSON object a POST carries (None otherwise; a body that does not parse is left to the
+    route's validation, 400)."""
     if request.method != "POST":
         return None
     try:
         body: Any = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    value = body.get("model") if isinstance(body, dict) else None
+    return body if isinstance(body, dict) else None
+
+
+def _requested_model(request: Request, body: dict[str, Any] | None) -> str | None:
+    """The `model` a request names: its path parameter, or its JSON body's field."""
+    model = request.path_params.get("model_id")
+    if isinstance(model, str):
+        return model
+    value = body.get("model") if body else None
     return value if isinstance(value, str) else None
+
+
+def _content_of(body: dict[str, Any]) -> str:
+    """What the caller asked the model (messages, prompt or input), for content capture."""
+    content = {key: body[key] for key in ("messages", "prompt", "input") if key in body}
+    return json.dumps(content, ensure_ascii=False)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aicc.api.record import call_record
 from aicc.errors import AiccError, AuthenticationError, QueueFullError, RateLimitedError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected_error)
 
 
+def _note(request: Request, code: str | None) -> None:
+    """Keep the error's code on the call's record (audit entry, access log)."""
+    record = call_record(request)
+    if record is not None:
+        record.error_code = code
+
+
 async def _on_aicc_error(request: Request, exc: AiccError) -> JSONResponse:
+    _note(request, exc.code or exc.error_type)
     if exc.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
     return error_response(exc)
@@ -62,6 +71,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
             first.get("ctx", {}).get("error", "invalid JSON")
         )
         body = error_body(message, "invalid_request_error", code="invalid_json")
+        _note(request, "invalid_json")
         return JSONResponse(body, status_code=400)
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
@@ -73,6 +83,7 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     else:
         code = "invalid_value"
     body = error_body(message, "invalid_request_error", param=param, code=code)
+    _note(request, code)
     return JSONResponse(body, status_code=400)
 
 
@@ -83,10 +94,12 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
         message = str(exc.detail)
     error_type = _STATUS_TYPES.get(exc.status_code, "server_error")
     body = error_body(message, error_type, code=str(exc.status_code))
+    _note(request, str(exc.status_code))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    _note(request, "server_error")
     body = error_body("The server had an error while processing your request.", "server_error")
     return JSONResponse(body, status_code=500)

@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import re
-import uuid
+import secrets
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aicc.api.errors import error_body
+from aicc.api.observe import change_detail
+from aicc.api.record import CallRecord, scope_record
+from aicc.observability.logging import request_context
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestIdMiddleware:
-    """Gives every request an id (the client's `x-request-id` if sane) and echoes it back."""
+    """Gives every request an id (the client's `x-request-id` if sane), echoes it back, and
+    starts the call's `CallRecord`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # A random prefix per process and a counter: unique, and cheaper than a uuid4 a call.
+        self._prefix = secrets.token_hex(10)
+        self._numbers = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-request-id")
-        request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        if given and _REQUEST_ID.fullmatch(given):
+            request_id = given
+        else:
+            request_id = f"{self._prefix}{next(self._numbers):012x}"
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["call_record"] = CallRecord(request_id)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -34,7 +48,8 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with request_context(request_id):  # every log line of this call carries the id
+            await self.app(scope, receive, send_with_id)
 
 
 class BodySizeLimitMiddleware:
@@ -71,6 +86,11 @@ class BodySizeLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if body:
+            scope.setdefault("state", {})["body_sha256"] = hashlib.sha256(body).hexdigest()
+        record = scope_record(scope)
+        if record is not None:
+            record.detail = change_detail(scope, body)
         replayed = False
 
         async def replay() -> Message:

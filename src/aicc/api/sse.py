@@ -50,6 +50,19 @@ class EventStreamResponse(StreamingResponse):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def stream_response(self, send: Send) -> None:
+        # The last event (`data: [DONE]`) goes out as the final body message: what runs before
+        # the final byte (the audit commit) then runs before the client sees the end.
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})  # fmt: skip
+        last = b""
+        async for chunk in self._events:
+            if chunk == DONE:  # always the stream's last event
+                last = chunk
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)

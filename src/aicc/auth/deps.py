@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from aicc.api.record import call_record
 from aicc.auth.permissions import Permission
 from aicc.auth.principal import Principal
 from aicc.auth.resolver import CredentialResolver
@@ -20,6 +21,9 @@ from aicc.errors import AuthenticationError, EngineUnavailableError, PermissionD
 
 PUBLIC_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/auth/login")})
 """(method, path) pairs that need no credential."""
+
+PUBLIC_IF_CONFIGURED = frozenset({("GET", "/metrics")})
+"""Public only when a setting says so (`metrics_public`)."""
 
 _TOKEN = re.compile(r"^aicc-s[kt]-[A-Za-z0-9_-]{16,248}$")
 
@@ -51,6 +55,9 @@ async def current_principal(request: Request) -> Principal:
     if principal is None:
         raise AuthenticationError("Invalid API key or session token, or it was revoked.")
     request.state.principal = principal
+    record = call_record(request)
+    if record is not None:
+        record.principal = principal
     return principal
 
 
@@ -61,14 +68,22 @@ AUTHENTICATED = "authenticated"
 """What `require(None)` checks: any valid credential (one's own session, password, TOTP)."""
 
 
-def require(permission: Permission | None) -> Any:
+def require(
+    permission: Permission | None,
+    *,
+    also_admit: Callable[[Request, Principal], bool] | None = None,
+) -> Any:
     """The dependency that admits only callers holding `permission` (403 otherwise); None
-    admits every authenticated caller."""
+    admits every authenticated caller. `also_admit` can admit others by a setting (e.g. admins
+    reading the audit log when `audit_admin_read` is on)."""
 
-    async def check(principal: CurrentPrincipal) -> Principal:
-        if permission is not None and not principal.can(permission):
+    async def check(request: Request, principal: CurrentPrincipal) -> Principal:
+        admitted = permission is None or principal.can(permission)
+        if not admitted and also_admit is not None:
+            admitted = also_admit(request, principal)
+        if not admitted:
             raise PermissionDeniedError(
-                f"Your credential lacks the {permission.value!r} permission for this route."
+                f"Your credential lacks the {permission!s} permission for this route."
             )
         return principal
 

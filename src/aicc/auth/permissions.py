@@ -8,6 +8,7 @@ holds a `*:write` on configuration, and `security` cannot use models unless also
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ class Permission(StrEnum):
     ROLES_READ = "roles:read"
     ROLES_WRITE = "roles:write"
     AUDIT_READ = "audit:read"
+    AUDIT_PURGE = "audit:purge"
+    """Purge audit entries older than the retention (itself audited)."""
+    METRICS_READ = "metrics:read"
+    """`GET /metrics` on the main port (unless `metrics_public`)."""
 
 
 ALL_PERMISSIONS = frozenset(Permission)
@@ -55,6 +60,8 @@ BUILTIN_ROLES: tuple[BuiltinRole, ...] = (
                 Permission.MODELS_WRITE,
                 Permission.CONFIG_READ,
                 Permission.CONFIG_WRITE,
+                Permission.AUDIT_PURGE,
+                Permission.METRICS_READ,
             }
         ),
         ("*",),
@@ -76,7 +83,10 @@ BUILTIN_ROLES: tuple[BuiltinRole, ...] = (
         (),
     ),
     BuiltinRole(
-        "auditor", "Reads the audit log; changes nothing", frozenset({Permission.AUDIT_READ}), ()
+        "auditor",
+        "Reads the audit log and metrics; changes nothing",
+        frozenset({Permission.AUDIT_READ, Permission.METRICS_READ}),
+        (),
     ),
     BuiltinRole(
         "user",
@@ -114,6 +124,15 @@ def parse_permissions(values: Iterable[str]) -> frozenset[Permission]:
 
 
 def model_allowed(name: str, patterns: Iterable[str]) -> bool:
+    patterns = tuple(patterns)
+    if "*" in patterns:  # the built-in roles' pattern: no matching needed
+        return True
+    return _matches_any(name, patterns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches_any(name: str, patterns: tuple[str, ...]) -> bool:
+    # Cached: a caller asks about the same few models on every request.
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
@@ -124,7 +143,9 @@ def patterns_within(narrow: Iterable[str], wide: Iterable[str]) -> bool:
     return all(model_allowed(pattern, wide) for pattern in narrow)
 
 
-FREELY_GRANTED = frozenset({Permission.INFERENCE, Permission.KEYS_SELF, Permission.AUDIT_READ})
+FREELY_GRANTED = frozenset(
+    {Permission.INFERENCE, Permission.KEYS_SELF, Permission.AUDIT_READ, Permission.METRICS_READ}
+)
 """Permissions any holder of `users:write` (or `roles:write`) may hand out. Every other one can
 only be granted by someone who holds it, so the `security` role cannot mint an administrator."""
 

@@ -151,6 +151,19 @@ class RateLimiter:
         self._num_leases += 1
         return UsageLease(self, subjects)
 
+    def admit(self, principal: Principal) -> None:
+        """Admit one request that generates nothing (model lists, tokenization): it counts
+        against requests per minute, and is refused like `acquire` when a limit is spent, but
+        holds no stream slot.
+
+        Raises:
+            RateLimitedError: as `acquire`.
+            sqlalchemy.exc.SQLAlchemyError: a daily total could not be loaded.
+        """
+        if _is_unlimited(principal):
+            return  # the common case costs nothing
+        self.acquire(principal).release()
+
     def stats(self) -> LimiterStats:
         keys = set(self._streams)
         keys.update(self._requests.subjects(), self._tokens.subjects())
@@ -231,6 +244,14 @@ class RateLimiter:
                 await self.flush()
             except SQLAlchemyError:
                 logger.warning("saving daily token usage failed; retrying later", exc_info=True)
+
+
+_NO_LIMITS = Limits()
+
+
+def _is_unlimited(principal: Principal) -> bool:
+    key_limits = principal.key_limits
+    return principal.user_limits == _NO_LIMITS and (key_limits is None or key_limits == _NO_LIMITS)
 
 
 def _subjects_of(principal: Principal) -> tuple[_Subject, ...]:

@@ -50,7 +50,7 @@ class Identity:
             )
 
 
-def get_identity(request: Request) -> Identity:
+async def get_identity(request: Request) -> Identity:
     identity: Identity | None = getattr(request.app.state, "identity", None)
     if identity is None:
         raise EngineUnavailableError("the server is starting; retry shortly")

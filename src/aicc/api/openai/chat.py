@@ -14,9 +14,9 @@ from aicc.api.openai.protocol import ChatCompletionRequest, ChatMessage
 from aicc.api.openai.serving import (
     Collected,
     Json,
+    Metering,
     OpenAIServing,
     PreparedRequest,
-    UsageRecorder,
     finish_reason_json,
     off_loop_if_large,
 )
@@ -65,7 +65,7 @@ class ChatServing:
         )
 
     async def start(
-        self, body: ChatCompletionRequest, scope: str, usage: UsageRecorder | None = None
+        self, body: ChatCompletionRequest, scope: str, metering: Metering | None = None
     ) -> tuple[PreparedRequest, ChatPlan]:
         self.core.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
@@ -89,7 +89,7 @@ class ChatServing:
             grammar=grammar,
             render_special=plan.reasoning or plan.tool_format is not None,
         )
-        return self.core.start("chatcmpl", body, token_ids, params, scope, usage), plan
+        return self.core.start("chatcmpl", body, token_ids, params, scope, metering), plan
 
     def response(self, prepared: PreparedRequest, plan: ChatPlan, collected: Collected) -> Json:
         choices = []

@@ -20,7 +20,7 @@ from pydantic import (
 
 from aicc.api.access import Caller
 from aicc.api.openai.routes import Serving, until_disconnected
-from aicc.api.openai.serving import OpenAIServing, UsageRecorder, off_loop_if_large
+from aicc.api.openai.serving import Metering, OpenAIServing, off_loop_if_large
 from aicc.errors import InvalidRequestError
 
 MAX_INPUTS = 2048
@@ -68,7 +68,7 @@ class EmbeddingServing:
         self.core = core
         self.engine = core.engine
 
-    async def create(self, body: EmbeddingRequest, usage: UsageRecorder | None = None) -> Json:
+    async def create(self, body: EmbeddingRequest, metering: Metering | None = None) -> Json:
         """The response body. Raises `ModelNotFoundError`, `InvalidRequestError`, and what
         `EngineClient.embed` raises."""
         self.core.check_model(body.model)
@@ -85,8 +85,12 @@ class EmbeddingServing:
             vectors = _unit_rows(vectors[:, : body.dimensions])
         encode = _base64 if body.encoding_format == "base64" else _floats
         num_tokens = sum(len(tokens) for tokens in inputs)
-        if usage is not None:
-            usage.record(num_tokens, 0)
+        if metering is not None:
+            if metering.usage is not None:
+                metering.usage.record(num_tokens, 0)
+            if metering.record is not None:
+                metering.record.num_prompt_tokens = num_tokens
+                metering.record.num_completion_tokens = 0
         return {
             "object": "list",
             "data": [
@@ -141,7 +145,7 @@ def _base64(row: npt.NDArray[np.float32]) -> str:
 router = APIRouter()
 
 
-def get_embedding_serving(serving: Serving) -> EmbeddingServing:
+async def get_embedding_serving(serving: Serving) -> EmbeddingServing:
     return EmbeddingServing(serving)
 
 
@@ -153,4 +157,4 @@ async def create_embeddings(
     request: Request,
 ) -> JSONResponse:
     # A client that goes away stops the work between groups of inputs.
-    return JSONResponse(await until_disconnected(request, serving.create(body, caller.usage)))
+    return JSONResponse(await until_disconnected(request, serving.create(body, caller.metering)))

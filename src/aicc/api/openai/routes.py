@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from aicc.api.access import Caller, check_model_access
+from aicc.api.access import Caller, Reader
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.serving import OpenAIServing
@@ -20,14 +20,14 @@ router = APIRouter()
 T = TypeVar("T")
 
 
-def get_serving(request: Request) -> OpenAIServing:
+async def get_serving(request: Request) -> OpenAIServing:
     serving: OpenAIServing | None = getattr(request.app.state, "serving", None)
     if serving is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
     return serving
 
 
-def get_chat(request: Request) -> ChatServing:
+async def get_chat(request: Request) -> ChatServing:
     chat: ChatServing | None = getattr(request.app.state, "chat", None)
     if chat is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
@@ -42,7 +42,7 @@ Chat = Annotated[ChatServing, Depends(get_chat)]
 async def create_chat_completion(
     body: ChatCompletionRequest, chat: Chat, caller: Caller, request: Request
 ) -> Response:
-    prepared, plan = await chat.start(body, caller.cache_scope, caller.usage)
+    prepared, plan = await chat.start(body, caller.cache_scope, caller.metering)
     if body.stream:
         return EventStreamResponse(chat.chunks(prepared, plan))
     collected = await until_disconnected(request, chat.core.collect(prepared))
@@ -53,7 +53,7 @@ async def create_chat_completion(
 async def create_completion(
     body: CompletionRequest, serving: Serving, caller: Caller, request: Request
 ) -> Response:
-    prepared = await serving.start_completion(body, caller.cache_scope, caller.usage)
+    prepared = await serving.start_completion(body, caller.cache_scope, caller.metering)
     if body.stream:
         return EventStreamResponse(serving.completion_chunks(prepared))
     completion = await until_disconnected(request, serving.collect(prepared))
@@ -61,17 +61,16 @@ async def create_completion(
 
 
 @router.get("/v1/models")
-async def list_models(serving: Serving, caller: Caller) -> dict[str, Any]:
+async def list_models(serving: Serving, principal: Reader) -> dict[str, Any]:
     """The models this caller may use."""
     cards = [serving.model_card()]
-    allowed = [card for card in cards if caller.principal.can_use_model(card["id"])]
+    allowed = [card for card in cards if principal.can_use_model(card["id"])]
     return {"object": "list", "data": allowed}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, serving: Serving, caller: Caller) -> dict[str, Any]:
-    # `:path`: served names may contain "/" (e.g. "org/model").
-    check_model_access(caller.principal, model_id)
+async def retrieve_model(model_id: str, serving: Serving, _: Reader) -> dict[str, Any]:
+    # `:path`: served names may contain "/" (e.g. "org/model"); the allow-list is checked.
     serving.check_model(model_id)
     return serving.model_card()
 

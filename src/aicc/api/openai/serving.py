@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from aicc.api.openai.logprobs import completion_logprobs
 from aicc.api.openai.protocol import CompletionRequest, SamplingBody
+from aicc.api.record import CallRecord
 from aicc.engine.interface import EngineClient
 from aicc.engine.types import (
     FinishReason,
@@ -34,6 +35,15 @@ class UsageRecorder(Protocol):
     """Receives a request's real token counts once its events end (quotas, metering)."""
 
     def record(self, num_prompt_tokens: int, num_completion_tokens: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Metering:
+    """Where a generation's facts go: the quota lease and the call's record."""
+
+    usage: UsageRecorder | None = None
+    record: CallRecord | None = None
+    capture_content: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +115,7 @@ class OpenAIServing:
 
     # -- text completions ------------------------------------------------------------------
     async def start_completion(
-        self, body: CompletionRequest, scope: str, usage: UsageRecorder | None = None
+        self, body: CompletionRequest, scope: str, metering: Metering | None = None
     ) -> PreparedRequest:
         self.check_model(body.model)
         prompt = body.prompt
@@ -116,7 +126,7 @@ class OpenAIServing:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
             token_ids = await off_loop_if_large(len(text), self._tokenize_with_bos, text)
         params = self.sampling_params(body, body.max_tokens, num_top_logprobs=body.logprobs)
-        return self.start("cmpl", body, token_ids, params, scope, usage)
+        return self.start("cmpl", body, token_ids, params, scope, metering)
 
     def completion_response(self, prepared: PreparedRequest, collected: Collected) -> Json:
         choices = [
@@ -163,13 +173,13 @@ class OpenAIServing:
         token_ids: list[int],
         params: SamplingParams,
         scope: str,
-        usage: UsageRecorder | None = None,
+        metering: Metering | None = None,
     ) -> PreparedRequest:
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         request = GenerationRequest(response_id, tuple(token_ids), params, cache_scope=scope)
         events = self.engine.generate(request)
-        if usage is not None:
-            events = _metered(events, params.n, usage)
+        if metering is not None:
+            events = _metered(events, params.n, metering)
         return PreparedRequest(
             response_id,
             int(time.time()),
@@ -337,19 +347,42 @@ def usage_json(num_prompt: int, num_generated: int) -> Json:
 
 
 async def _metered(
-    events: AsyncIterator[TokenEvent], num_choices: int, usage: UsageRecorder
+    events: AsyncIterator[TokenEvent], num_choices: int, metering: Metering
 ) -> AsyncIterator[TokenEvent]:
-    """`events`, reporting the tokens used when they end — also when the client went away."""
+    """`events`, reporting tokens, timings and the finish reason when they end — also when the
+    client went away (the tokens were spent all the same)."""
     generated = [0] * num_choices
     num_prompt = 0
+    record = metering.record
     try:
         async for event in events:
             generated[event.index] = event.num_generated_tokens
             num_prompt = event.num_prompt_tokens
+            if record is not None:
+                _note_event(record, event, metering.capture_content)
             yield event
     finally:
         await close_events(events)
-        usage.record(num_prompt, sum(generated))
+        if record is not None:
+            record.num_prompt_tokens = num_prompt
+            record.num_completion_tokens = sum(generated)
+        if metering.usage is not None:
+            metering.usage.record(num_prompt, sum(generated))
+
+
+def _note_event(record: CallRecord, event: TokenEvent, capture_content: bool) -> None:
+    if event.num_generated_tokens > 0:
+        now = time.perf_counter()
+        if record.first_token_at is None:
+            record.first_token_at = now
+        record.last_token_at = now
+    if record.queue_time_s is None and event.queue_time_s is not None:
+        record.queue_time_s = event.queue_time_s
+    if event.index == 0:  # the first choice speaks for the call
+        if event.finish_reason is not None:
+            record.finish_reason = finish_reason_json(event.finish_reason)
+        if capture_content and event.text:
+            record.completion_text.append(event.text)
 
 
 async def close_events(events: AsyncIterator[TokenEvent]) -> None:

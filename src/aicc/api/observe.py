@@ -1,0 +1,135 @@
+"""The recording middleware: one `CallRecord` per call, handed to the audit log, the metrics
+and the access log when the response is complete.
+
+Durability: the audit entry is committed *before* the last response byte is sent, so a client
+that got its answer is always in the log (a crash right after loses nothing acknowledged). For
+streams an "open call" row is committed before the headers go out, and the entry closes it at
+the end — or at the disconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aicc.api.record import CallOutcome, CallRecord, scope_record
+
+logger = logging.getLogger(__name__)
+
+UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and scrapes: machines polling every few seconds, not API calls."""
+
+_SECRET_FIELDS = frozenset(
+    {"password", "old_password", "new_password", "totp_code", "code", "key", "token"}
+)
+_CLIENT_GONE = 499
+
+
+class AuditSink(Protocol):
+    async def open_call(self, record: CallRecord, outcome: CallOutcome) -> None: ...
+
+    async def append(self, record: CallRecord, outcome: CallOutcome) -> None: ...
+
+
+class MetricsSink(Protocol):
+    def observe_call(self, record: CallRecord, outcome: CallOutcome) -> None: ...
+
+
+class CallLogger(Protocol):
+    def __call__(self, record: CallRecord, outcome: CallOutcome) -> None: ...
+
+
+class RecordingMiddleware:
+    """Runs inside `RequestIdMiddleware` (which creates the record) and outside the body limit
+    (which reads the body and hashes it). Sinks are read from `app.state` per call, so they
+    can be created in the lifespan."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = scope_record(scope)
+        if scope["type"] != "http" or record is None:
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        audit: AuditSink | None = getattr(state, "audit", None)
+        if scope["path"] in UNAUDITED_PATHS:
+            audit = None
+        status = 0
+        is_finished = False
+        is_audited = False
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status, is_finished, is_audited
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if audit is not None and record.is_stream and status < 300:
+                    await audit.open_call(record, _outcome(scope, record, status))
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                is_finished = True
+                if audit is not None:
+                    is_audited = True
+                    await audit.append(record, _outcome(scope, record, status))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            # Unfinished: the client went away mid-response, or the app failed before a byte.
+            final_status = status if is_finished else (_CLIENT_GONE if status else 500)
+            final = _outcome(scope, record, final_status)
+            if audit is not None and not is_audited:
+                # The client went away, or the app failed before its last byte.
+                await _append_quietly(audit, record, final)
+            _observe(state, record, final)
+
+
+def _outcome(scope: Scope, record: CallRecord, status: int) -> CallOutcome:
+    route = scope.get("route")
+    client = scope.get("client")
+    return CallOutcome(
+        method=scope["method"],
+        route=str(getattr(route, "path", "")),
+        path=scope["path"],
+        status=status,
+        latency_s=time.perf_counter() - record.started,
+        client_addr=client[0] if client else None,
+        body_sha256=scope.get("state", {}).get("body_sha256"),
+    )
+
+
+async def _append_quietly(audit: AuditSink, record: CallRecord, outcome: CallOutcome) -> None:
+    try:
+        await audit.append(record, outcome)
+    except Exception:  # the response is gone already; the failure must be seen, not raised
+        logger.exception("audit entry for request %s could not be written", record.request_id)
+
+
+def _observe(state: Any, record: CallRecord, outcome: CallOutcome) -> None:
+    metrics: MetricsSink | None = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_call(record, outcome)
+    log_call: CallLogger | None = getattr(state, "log_call", None)
+    if log_call is not None:
+        log_call(record, outcome)
+
+
+def change_detail(scope: Scope, body: bytes) -> dict[str, Any] | None:
+    """What an administrative call asked for, secrets masked (None for other calls)."""
+    path = scope["path"]
+    if scope["method"] == "GET" or not path.startswith(("/admin/", "/auth/")):
+        return None
+    try:
+        parsed = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        return None
+    if path == "/auth/login":  # who tried to log in; never the password or code
+        return {"username": str(parsed.get("username", ""))[:256]}
+    return {"request": {k: ("***" if k in _SECRET_FIELDS else v) for k, v in parsed.items()}}
