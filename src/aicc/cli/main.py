@@ -32,6 +32,10 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to run.  [default: cpu]")
 @click.option("--max-queue", type=int, help="Requests that may wait for a slot.  [default: 256]")
 @click.option("--served-model-name", help="Name clients put in `model`.")
+@click.option(
+    "--log-format", type=click.Choice(["json", "text"]), help="Log lines.  [default: json]"
+)
+@click.option("--metrics-port", type=int, help="Also serve /metrics (no key) on this port.")
 @click.option("--database-url", help="State database URL.  [default: SQLite in the state dir]")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Database and secret dir.")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="PEM certificate: serve HTTPS.")
@@ -119,3 +123,8 @@ main.add_command(totp)
 main.add_command(users)
 main.add_command(keys)
 main.add_command(roles)
+
+
+from aicc.cli.audit import audit  # noqa: E402
+
+main.add_command(audit)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import click
 import uvicorn
@@ -11,23 +10,27 @@ import uvicorn
 from aicc.api.app import create_app
 from aicc.config import Settings
 from aicc.errors import AiccError
+from aicc.observability.logging import configure_logging, uvicorn_logging_options
 from aicc.store.local import BUNDLED_MODEL_NAME, resolve_model
 from aicc.tls import uvicorn_config
 
 
 def run_server(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     if settings.model == BUNDLED_MODEL_NAME:
         click.echo(f"aicc: preparing the bundled model in {settings.model_dir} ...", err=True)
     model = resolve_model(settings.model, settings.model_dir)
     app = create_app(settings, model, on_bootstrap_key=_show_bootstrap_key)
-    config = uvicorn_config(app, settings, timeout_graceful_shutdown=10)
+    # Our logging, not uvicorn's (its config would replace our handlers and log access twice).
+    config = uvicorn_config(
+        app, settings, timeout_graceful_shutdown=10, **uvicorn_logging_options()
+    )
     server = uvicorn.Server(config)
     try:
         scheme = "https" if settings.tls_cert is not None else "http"
-        asyncio.run(_serve(server, settings.served_model_name or model.name, scheme))
+        # uvicorn's loop (uvloop when installed): socket writes and timers in C, not Python.
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(_serve(server, settings.served_model_name or model.name, scheme))
     except SystemExit:  # uvicorn exits when the app's start-up fails
         if app.state.startup_error is None:
             raise
