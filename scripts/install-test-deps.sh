@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite starts real servers from: OpenLDAP's slapd and
-# ldap-utils (tests/fixtures/slapd.py) and PostgreSQL (initdb, for the database tests).
+# ldap-utils (tests/fixtures/slapd.py), PostgreSQL (initdb, for the database tests) and
+# Prometheus with promtool (tests/fixtures/prometheus.py, the Grafana dashboard check), and
+# wrk for bench/audit_overhead.py.
 # Idempotent and quiet when everything is present; `apt-get update` runs only when something
 # is missing. Debian 12 / Ubuntu; run as root or with sudo. `--dry-run` prints the plan only.
 set -euo pipefail
@@ -21,7 +23,7 @@ has_initdb() {
 }
 
 missing=()
-for package in slapd ldap-utils; do
+for package in slapd ldap-utils prometheus wrk; do
   is_installed "$package" || missing+=("$package")
 done
 has_initdb || missing+=(postgresql)
