@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from aicc.api.app import create_app
 from aicc.config import load_settings
+from aicc.db import Database
 from aicc.engine.interface import EngineClient
 from aicc.store.local import BUNDLED_MODEL_NAME, ensure_bundled
 from tests.fixtures.postgres import find_postgres_bin, postgres_server
@@ -154,3 +155,15 @@ def postgres_url(postgres_cluster: str) -> str:
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
     return postgres_cluster.rsplit("/", 1)[0] + f"/{name}"
+
+
+def migrated_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A migrated, empty state database on the backend named by the fixture's param:
+    "sqlite" (a file in `tmp_path`) or "postgresql" (a fresh database, `postgres_url`)."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'state' / 'aicc.db'}"
+    db = Database(url)
+    db.migrate()
+    return db

@@ -19,6 +19,7 @@ from aicc.auth.permissions import Permission
 from aicc.auth.principal import Limits, Principal
 from aicc.config import Settings, load_settings
 from aicc.db import Database
+from tests.conftest import migrated_database
 
 SECRET = bytes(range(32))
 T = TypeVar("T")
@@ -85,13 +86,8 @@ def days_ago(days: float) -> float:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def audit_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """A migrated, empty state database: every audit test runs on SQLite and PostgreSQL."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'state' / 'aicc.db'}"
-    db = Database(url)
-    db.migrate()
+    """A migrated, empty state database: every test using it runs on SQLite and PostgreSQL."""
+    db = migrated_database(request, tmp_path)
     yield db
     db.close()
 

@@ -15,6 +15,7 @@ from aicc.auth.passwords import Passwords
 from aicc.auth.service import IdentityService
 from aicc.config import Settings, load_settings
 from aicc.db import Database
+from tests.conftest import migrated_database
 
 SECRET = bytes(range(32))
 STRONG_PASSWORD = "Correct-Horse-9"
@@ -50,13 +51,8 @@ class FakeDirectory:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def identity_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    """A migrated, empty state database: every identity test runs on SQLite and PostgreSQL."""
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'state' / 'aicc.db'}"
-    db = Database(url)
-    db.migrate()
+    """A migrated, empty state database: every test using it runs on SQLite and PostgreSQL."""
+    db = migrated_database(request, tmp_path)
     yield db
     db.close()
 
