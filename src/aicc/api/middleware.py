@@ -109,7 +109,8 @@ class BodySizeLimitMiddleware:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
+    """The first value of header `name` (lower case: ASGI servers lower-case header names)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
             return str(value.decode("latin-1"))
     return None
