@@ -52,21 +52,14 @@ def check_model_access(principal: Principal, model: str) -> None:
 async def inference_caller(
     request: Request, principal: Annotated[Principal, require(Permission.INFERENCE)]
 ) -> AsyncIterator[InferenceCaller]:
-    body = await _json_body(request)
-    model = _requested_model(request, body)
+    body = await _checked_body(request, principal)
     capture: bool = request.app.state.settings.audit_capture_content
     record = call_record(request)
     if record is not None:
-        record.model = model
         record.is_stream = bool(body.get("stream")) if body else False
         if capture and body:
             record.prompt_text = _content_of(body)
-    if model is not None:
-        check_model_access(principal, model)
-    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
-    if limiter is None:
-        raise EngineUnavailableError("the server is starting; retry shortly")
-    lease = limiter.acquire(principal)
+    lease = _limiter(request).acquire(principal)
     try:
         yield InferenceCaller(principal, lease, record, capture)
     finally:
@@ -81,20 +74,31 @@ async def inference_reader(
 ) -> Principal:
     """The lighter check of routes that generate nothing (model lists, tokenization): the
     model allow-list and requests per minute, no stream slot."""
-    model = _requested_model(request, await _json_body(request))
-    record = call_record(request)
-    if model is not None:
-        if record is not None:
-            record.model = model
-        check_model_access(principal, model)
-    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
-    if limiter is None:
-        raise EngineUnavailableError("the server is starting; retry shortly")
-    limiter.admit(principal)
+    await _checked_body(request, principal)
+    _limiter(request).admit(principal)
     return principal
 
 
 Reader = Annotated[Principal, Depends(inference_reader)]
+
+
+async def _checked_body(request: Request, principal: Principal) -> dict[str, Any] | None:
+    """The request's JSON body, after checking (and recording) the model it names."""
+    body = await _json_body(request)
+    model = _requested_model(request, body)
+    record = call_record(request)
+    if record is not None:
+        record.model = model
+    if model is not None:
+        check_model_access(principal, model)
+    return body
+
+
+def _limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
+    if limiter is None:
+        raise EngineUnavailableError("the server is starting; retry shortly")
+    return limiter
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
