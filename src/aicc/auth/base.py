@@ -4,7 +4,6 @@ lookups that turn a bad name into the right error."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Protocol
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session
 from aicc.auth import tokens, totp
 from aicc.auth.passwords import Passwords
 from aicc.auth.permissions import is_valid_role_name
-from aicc.auth.principal import Limits
+from aicc.auth.principal import Limits, is_valid_username
 from aicc.config import Settings
 from aicc.db import Database
 from aicc.db.models import ApiKey, Role, User, utcnow
@@ -23,13 +22,8 @@ from aicc.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
 logger = logging.getLogger("aicc.auth")
 
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 MAX_LIMIT = 2**31 - 1
 """Limits are 32-bit integer columns on PostgreSQL."""
-
-
-def is_valid_username(username: str) -> bool:
-    return bool(_USERNAME.fullmatch(username))
 
 
 class DirectoryUser(Protocol):

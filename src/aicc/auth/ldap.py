@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from aicc.auth.principal import is_valid_username
 from aicc.config import LdapSettings
 from aicc.errors import AiccError, ConfigError
 
@@ -29,8 +30,6 @@ with warnings.catch_warnings():
 
 logger = logging.getLogger(__name__)
 
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
-"""aicc login names; anything else is refused before it reaches a filter."""
 
 _MAX_PASSWORD_LENGTH = 1024
 _INVALID_CREDENTIALS = 49
@@ -146,7 +145,7 @@ class LdapAuthenticator:
         Raises LdapUnavailableError if the directory cannot be reached or used (connection,
         TLS, timeout, service account refused, user search failed).
         """
-        if not USERNAME_PATTERN.fullmatch(username):
+        if not is_valid_username(username):
             return None
         # An empty password would make a simple bind "unauthenticated" (RFC 4513 5.1.2),
         # which many servers answer with success: it must never reach the directory.

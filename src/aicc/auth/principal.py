@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from aicc.auth.permissions import Permission, model_allowed
+
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+def is_valid_username(username: str) -> bool:
+    """aicc login names (local and directory): anything else is refused before it reaches SQL
+    or an LDAP filter."""
+    return bool(_USERNAME.fullmatch(username))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,11 @@ from aicc.auth.base import (
     ServiceBase,
     auth_error,
     invalid_credentials,
-    is_valid_username,
     logger,
 )
 from aicc.auth.passwords import MAX_PASSWORD_LENGTH, check_password_policy
 from aicc.auth.permissions import PRIVILEGED_ROLES
+from aicc.auth.principal import is_valid_username
 from aicc.auth.views import SessionView, session_view
 from aicc.db.models import AuthSession, Role, User
 from aicc.errors import AuthenticationError, InvalidRequestError, NotFoundError

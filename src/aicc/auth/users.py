@@ -8,9 +8,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aicc.auth.base import ServiceBase, check_limits, is_valid_username, set_limits
+from aicc.auth.base import ServiceBase, check_limits, set_limits
 from aicc.auth.passwords import check_password_policy
-from aicc.auth.principal import Limits
+from aicc.auth.principal import Limits, is_valid_username
 from aicc.auth.views import UserView, user_view
 from aicc.db.models import AuthSession, User
 from aicc.errors import ConflictError, InvalidRequestError
