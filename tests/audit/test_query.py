@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from aicc.audit import AuditLog
-from aicc.audit.query import iter_entries, query
+from aicc.audit.query import query
 from aicc.config import Settings
 from aicc.db import Database
 from tests.audit.conftest import days_ago, make_call, with_log
@@ -54,9 +54,3 @@ def test_pages_by_seq(filled_db: Database) -> None:
         query(filled_db, limit=0)
     with pytest.raises(ValueError, match="aware"):
         query(filled_db, since=datetime(2025, 1, 1))
-
-
-def test_iter_entries_reads_everything_in_pages(filled_db: Database) -> None:
-    assert [e.seq for e in iter_entries(filled_db, page_size=2)] == [1, 2, 3, 4, 5]
-    assert [e.seq for e in iter_entries(filled_db, username="alice", page_size=1)] == [1, 3]
-    assert [e.seq for e in iter_entries(filled_db, after_seq=3)] == [4, 5]

@@ -7,7 +7,6 @@ Synchronous: async callers use `asyncio.to_thread`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, cast
 
@@ -42,41 +41,6 @@ def query(
     statement = _filtered(since, until, username, model, status, action, after_seq).limit(limit)
     with db.engine.connect() as conn:
         return [AuditEntry.from_row(row) for row in conn.execute(statement).mappings()]
-
-
-def iter_entries(
-    db: Database,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    username: str | None = None,
-    model: str | None = None,
-    status: int | None = None,
-    action: str | None = None,
-    after_seq: int | None = None,
-    page_size: int = 500,
-) -> Iterator[AuditEntry]:
-    """Every matching entry, oldest first, read `page_size` at a time (one short read per
-    page: no transaction stays open while the consumer is slow).
-
-    Raises ValueError like `query`; the database's error otherwise.
-    """
-    while True:
-        page = query(
-            db,
-            since=since,
-            until=until,
-            username=username,
-            model=model,
-            status=status,
-            action=action,
-            after_seq=after_seq,
-            limit=page_size,
-        )
-        yield from page
-        if len(page) < page_size:
-            return
-        after_seq = page[-1].seq
 
 
 def _filtered(
