@@ -13,7 +13,7 @@ import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from aicc.auth.deps import PUBLIC_ROUTES, required_permission
+from aicc.auth.deps import PUBLIC_IF_CONFIGURED, PUBLIC_ROUTES, required_permission
 from aicc.auth.permissions import BUILTIN_ROLES
 from aicc.store.local import BUNDLED_MODEL_NAME
 from tests.conftest import ADMIN_KEY, LiveServer
@@ -78,6 +78,9 @@ def _permissions_of(dependant: Dependant) -> set[str]:
 
 def test_every_route_is_public_or_requires_a_permission(server: LiveServer) -> None:
     templates = {(method, path) for method, path, _ in MATRIX}
+    public = PUBLIC_ROUTES
+    if server.app.state.settings.metrics_public:
+        public = public | PUBLIC_IF_CONFIGURED
     seen = set()
     # FastAPI wraps included routers; `iter_route_contexts` flattens them to effective routes.
     for context in iter_route_contexts(server.app.routes):
@@ -88,13 +91,13 @@ def test_every_route_is_public_or_requires_a_permission(server: LiveServer) -> N
         for method in context.methods or ():
             key = (method, path)
             seen.add(key)
-            if key in PUBLIC_ROUTES:
+            if key in public:
                 continue
             permissions = _permissions_of(route.dependant)
             assert len(permissions) == 1, f"{method} {path} checks {permissions or 'nothing'}"
     # Every protected route appears in the matrix (by template), so each one is exercised.
     matrix_templates = {(m, p) for m, p in templates}
-    for method, path in seen - PUBLIC_ROUTES - SIDE_EFFECT_ROUTES:
+    for method, path in seen - public - SIDE_EFFECT_ROUTES:
         pattern = path.replace("{model_id:path}", "").replace("{model_id}", "")
         assert any(m == method and _matches(path, p) for m, p in matrix_templates), (
             f"{method} {path} ({pattern}) is missing from the RBAC matrix"
