@@ -173,8 +173,28 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1, le=3600)
     """Seconds sent in `Retry-After` when the queue is full."""
 
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=3600)
+    """On SIGTERM: how long in-flight requests and streams may run before the server exits.
+    Orchestrators must allow more (Kubernetes: terminationGracePeriodSeconds > this)."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log verbosity."""
+
+    # -- model store -------------------------------------------------------------------------
+    hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://")
+    """Hugging Face-compatible endpoint `aicc models pull` downloads from (a mirror, ModelScope)."""
+
+    model_encrypt: bool = False
+    """Encrypt pulled and imported models at rest (AES-256-GCM); loading decrypts in memory."""
+
+    model_key_file: Path | None = None
+    """32-byte model encryption key (64 hex characters) in a file (mode 0600)."""
+
+    model_key_env: str = Field(default="AICC_MODEL_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Environment variable that holds the model key (64 hex characters) when no file is set."""
+
+    model_key_command: str | None = Field(default=None, min_length=1)
+    """Command printing the model key (64 hex characters) on stdout: a KMS or HSM client."""
 
     # -- state and identity ------------------------------------------------------------------
     state_dir: Path = Field(default_factory=default_state_dir)

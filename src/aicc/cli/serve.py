@@ -23,7 +23,10 @@ def run_server(settings: Settings) -> None:
     app = create_app(settings, model, on_bootstrap_key=_show_bootstrap_key)
     # Our logging, not uvicorn's (its config would replace our handlers and log access twice).
     config = uvicorn_config(
-        app, settings, timeout_graceful_shutdown=10, **uvicorn_logging_options()
+        app,
+        settings,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        **uvicorn_logging_options(),
     )
     server = uvicorn.Server(config)
     try:
