@@ -1,0 +1,1 @@
+"""Model quality: perplexity of a text, and the comparison of two models on it."""
