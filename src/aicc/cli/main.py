@@ -11,7 +11,6 @@ import click
 from aicc import __version__
 from aicc.config import Settings, load_settings
 from aicc.errors import AiccError, ConfigError
-from aicc.store.local import list_models
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,33 +56,6 @@ def serve(config_file: Path | None, **flags: Any) -> None:
         _fail(exc.message)
 
 
-@main.group()
-def models() -> None:
-    """Models on this machine."""
-
-
-@models.command("list")
-@click.option(
-    "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
-)
-def models_list(config_file: Path | None) -> None:
-    """Show the models `aicc serve --model` can load."""
-    settings = _settings_or_exit(config_file, {})
-    rows = [("NAME", "SIZE", "SOURCE", "PATH")]
-    for model in list_models(settings.model_dir):
-        size = _human_size(model.size_bytes) if model.size_bytes is not None else "-"
-        if model.is_bundled:
-            source = "bundled" if model.is_present else "bundled (assembled on first serve)"
-        else:
-            source = "model dir"
-        rows.append((model.name, size, source, str(model.path)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        click.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + row[3]
-        )
-
-
 def _settings_or_exit(config_file: Path | None, flags: dict[str, Any]) -> Settings:
     try:
         return load_settings(config_file, **flags)
@@ -94,15 +66,6 @@ def _settings_or_exit(config_file: Path | None, flags: dict[str, Any]) -> Settin
 def _fail(message: str) -> NoReturn:
     click.echo(f"aicc: error: {message}", err=True)
     sys.exit(2)
-
-
-def _human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 from aicc.cli.certs import certs  # noqa: E402  (imports nothing from this module)
@@ -128,3 +91,22 @@ main.add_command(roles)
 from aicc.cli.audit import audit  # noqa: E402
 
 main.add_command(audit)
+
+
+from aicc.cli.models import models  # noqa: E402
+
+main.add_command(models)
+
+from aicc.cli.models_ops import ALL_COMMANDS as MODEL_OPERATIONS  # noqa: E402
+
+for _command in MODEL_OPERATIONS:
+    models.add_command(_command)
+
+
+from aicc.cli.bench import bench  # noqa: E402
+from aicc.cli.doctor import doctor  # noqa: E402
+from aicc.cli.eval import eval_group  # noqa: E402
+
+main.add_command(bench)
+main.add_command(doctor)
+main.add_command(eval_group)
