@@ -119,11 +119,11 @@ def aicc_server(model_path: Path, is_on: bool, workdir: Path) -> Iterator[str]:
     log = workdir / f"aicc-{mode}.log"
     flag = "true" if is_on else "false"
     env = {
+        "AICC_AUDIT_ENABLED": flag,
+        "AICC_METRICS_ENABLED": flag,
         **os.environ,
         "AICC_ADMIN_KEY": BENCH_KEY,
         "AICC_STATE_DIR": str(state_dir),
-        "AICC_AUDIT_ENABLED": flag,
-        "AICC_METRICS_ENABLED": flag,
         "AICC_LOG_LEVEL": "warning",
     }
     command = [

@@ -1,5 +1,5 @@
 """The tamper-evident audit log: a hash chain of entries in the state database, written by one
-thread in group commits, with HMAC-signed checkpoints beside it (see docs/security.md)."""
+process in group commits, with HMAC-signed checkpoints beside it (see docs/security.md)."""
 
 from aicc.audit.entries import AuditEntry
 from aicc.audit.retention import RetentionTask

@@ -123,6 +123,65 @@ _ALL_FIELDS = tuple(f.name for f in fields(AuditEntry))
 _HASHED_FIELDS = tuple(name for name in _ALL_FIELDS if name not in ("prev_hash", "hash"))
 
 
+CallValues = tuple[Any, ...]
+"""A call's raw audit values, in `_CALL_FIELDS` order: cheap to build on the event loop and to
+send to the writer process, which makes the entry (`entry_from_values`)."""
+
+_CALL_FIELDS = (
+    "action", "started_at", "status", "request_id", "username", "user_id", "key_id",
+    "session_id", "roles", "client_addr", "method", "route", "path", "model", "latency_s",
+    "prompt_tokens", "completion_tokens", "finish_reason", "error_code", "body_sha256",
+    "detail", "prompt_text", "completion_text",
+)  # fmt: skip
+
+
+def call_values(record: CallRecord, outcome: CallOutcome, action: str = "api.call") -> CallValues:
+    """The raw values of one finished (or, for `open_call`, started) HTTP call."""
+    principal = record.principal
+    if principal is None:
+        username = user_id = key_id = session_id = None
+        roles: tuple[str, ...] = ()
+    else:
+        username, user_id, key_id = principal.username, principal.user_id, principal.key_id
+        session_id = principal.credential_id if principal.via == "session" else None
+        roles = principal.roles
+    completion = "".join(record.completion_text) if record.completion_text else None
+    return (
+        action, record.started_at, outcome.status, record.request_id, username, user_id,
+        key_id, session_id, roles, outcome.client_addr, outcome.method, outcome.route,
+        outcome.path, record.model, outcome.latency_s, record.num_prompt_tokens,
+        record.num_completion_tokens, record.finish_reason, record.error_code,
+        outcome.body_sha256, record.detail, record.prompt_text, completion,
+    )  # fmt: skip
+
+
+def entry_from_values(values: CallValues, cipher: ContentCipher | None = None) -> AuditEntry:
+    """The entry of a call from `call_values` (content sealed when `cipher` is given).
+
+    Raises TypeError when the call's detail holds a value JSON cannot hold, ValueError when
+    `values` is not a call's values.
+    """
+    if len(values) != len(_CALL_FIELDS):
+        raise ValueError(f"{len(values)} audit call values, expected {len(_CALL_FIELDS)}")
+    call = dict(zip(_CALL_FIELDS, values, strict=True))
+    prompt_text, completion_text = call.pop("prompt_text"), call.pop("completion_text")
+    prompt_enc = completion_enc = None
+    if cipher is not None:
+        if prompt_text is not None:
+            prompt_enc = cipher.seal(prompt_text, call["request_id"], "prompt")
+        if completion_text:
+            completion_enc = cipher.seal(completion_text, call["request_id"], "completion")
+    latency_s = call.pop("latency_s")
+    return _make(
+        seq=0,
+        time=datetime.fromtimestamp(call.pop("started_at"), UTC),
+        latency_ms=round(latency_s * 1000, 3),
+        prompt_enc=prompt_enc,
+        completion_enc=completion_enc,
+        **call,
+    )
+
+
 def entry_from_call(
     record: CallRecord,
     outcome: CallOutcome,
@@ -134,35 +193,7 @@ def entry_from_call(
 
     Raises TypeError when `record.detail` holds a value JSON cannot hold.
     """
-    prompt_enc = completion_enc = None
-    if cipher is not None:
-        if record.prompt_text is not None:
-            prompt_enc = cipher.seal(record.prompt_text, record.request_id, "prompt")
-        if record.completion_text:
-            completion = "".join(record.completion_text)
-            completion_enc = cipher.seal(completion, record.request_id, "completion")
-    return _make(
-        seq=0,
-        time=datetime.fromtimestamp(record.started_at, UTC),
-        action=action,
-        status=outcome.status,
-        request_id=record.request_id,
-        **_principal_fields(record.principal),
-        client_addr=outcome.client_addr,
-        method=outcome.method,
-        route=outcome.route,
-        path=outcome.path,
-        model=record.model,
-        latency_ms=round(outcome.latency_s * 1000, 3),
-        prompt_tokens=record.num_prompt_tokens,
-        completion_tokens=record.num_completion_tokens,
-        finish_reason=record.finish_reason,
-        error_code=record.error_code,
-        body_sha256=outcome.body_sha256,
-        detail=record.detail,
-        prompt_enc=prompt_enc,
-        completion_enc=completion_enc,
-    )
+    return entry_from_values(call_values(record, outcome, action), cipher)
 
 
 def event_entry(
@@ -239,6 +270,7 @@ class ContentCipher:
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise ConfigError("the audit content key must be 32 bytes (64 hex characters)")
+        self.key = key
         self._aead = AESGCM(key)
 
     def seal(self, text: str, request_id: str, part: str) -> str:

@@ -1,31 +1,32 @@
-"""The audit log's front: async calls on the event loop, one writer thread behind a queue.
+"""The audit log's front: async calls on the event loop, one writer process behind a socket.
 
-The event loop only builds an entry and queues it with a future. The writer thread takes
-whatever is queued (up to `MAX_BATCH`), numbers and chains it, commits once, then resolves every
-future of the batch with one `call_soon_threadsafe`: while one commit waits on the disk the next
-batch gathers, so an fsync is shared by every call that arrived meanwhile (group commit).
-One writer per audit database: seq numbers come from this thread's memory.
+The event loop only builds an entry and queues it with a future; everything queued during one
+turn of the loop goes to the writer process (`aicc.audit.worker`) as one frame. The worker
+numbers and chains what it has received, commits once, and acknowledges the batch; the reader
+task resolves the futures. While one commit waits on the disk the next batch gathers, so a
+commit is shared by every call that arrived meanwhile (group commit). Hashing and database
+work run on another core, outside this process's GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import json
 import logging
-import queue
-import threading
-import time
-import uuid
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
-
-from sqlalchemy.exc import DataError, IntegrityError
+from pathlib import Path
+from typing import Any
 
 from aicc.api.record import CallOutcome, CallRecord
-from aicc.audit.checkpoints import CHECKPOINTS_FILE_NAME, CheckpointFile
-from aicc.audit.entries import AuditEntry, entry_from_call, event_entry, load_content_cipher
-from aicc.audit.store import Append, ChainStore, OpenCall
+from aicc.audit.checkpoints import CHECKPOINTS_FILE_NAME
+from aicc.audit.entries import call_values, event_entry, load_content_cipher
+from aicc.audit.worker import Done, Item, Kind, Ready, WorkerConfig, decode_frames, encode_frame
 from aicc.auth.principal import Principal
 from aicc.config import Settings
 from aicc.db import Database
@@ -33,10 +34,17 @@ from aicc.errors import AiccError
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 256
-"""Entries (and open rows) committed together at most."""
-_DATA_ERRORS = (IntegrityError, DataError, TypeError, ValueError)
-"""Errors one entry's data can cause: the batch is then retried entry by entry."""
+# A fresh interpreter (fork + exec, never a bare fork: the gateway runs threads whose locks a
+# forked copy could inherit held; and not multiprocessing's spawn or forkserver, which re-run
+# the gateway's __main__ in the child).
+_WORKER_MAIN = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+    "from aicc.audit.worker import serve_fd; serve_fd(int(sys.argv[1]))"
+)
+START_TIMEOUT_S = 120.0
+"""Longest the writer process may take to start and recover open calls."""
+STOP_TIMEOUT_S = 30.0
+_READ_BYTES = 1 << 20
 
 
 class AuditWriteError(AiccError):
@@ -44,18 +52,6 @@ class AuditWriteError(AiccError):
 
     status_code = 503
     code = "audit_unavailable"
-
-
-@dataclass(slots=True)
-class _Work:
-    kind: Literal["append", "open", "purge", "stop"]
-    future: asyncio.Future[Any]
-    entry: AuditEntry | None = None
-    call_id: str | None = None
-    """open: the `audit_open` row to insert; append: the row to delete with it."""
-    cut: datetime | None = None
-    actor: Principal | None = None
-    record_empty: bool = True
 
 
 class AuditLog:
@@ -68,57 +64,85 @@ class AuditLog:
         secret: bytes,
         on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
-        """`on_commit(seconds, num_records)` runs in the writer thread after each commit.
+        """`on_commit(seconds, num_records)` runs on the event loop after each commit.
 
         Raises ConfigError when content capture is on without a valid key.
         """
         self.db = db
-        self._cipher = load_content_cipher(settings)
-        checkpoints = CheckpointFile(settings.state_dir / CHECKPOINTS_FILE_NAME, secret)
-        self._store = ChainStore(
-            db, checkpoints, settings.audit_checkpoint_every, fsync=settings.audit_fsync
+        cipher = load_content_cipher(settings)
+        self._config = WorkerConfig(
+            database_url=db.engine.url.render_as_string(hide_password=False),
+            checkpoints_path=settings.state_dir / CHECKPOINTS_FILE_NAME,
+            secret=secret,
+            checkpoint_every=settings.audit_checkpoint_every,
+            fsync=settings.audit_fsync,
+            content_key=cipher.key if cipher is not None else None,
         )
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
-        self._pending: list[_Work] = []
-        """Work submitted during this turn of the event loop, handed over at its end: one
-        wake-up of the writer thread per turn, not one per call."""
-        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._pending: list[Item] = []
+        """Work submitted during this turn of the event loop, sent at its end: one frame
+        and one wake-up of the worker per turn, not one per call."""
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._is_closed = False
+        self._head: tuple[int, str] = (0, "")
         self._open_calls: dict[int, str] = {}
         """id(CallRecord) -> its `audit_open` row, from `open_call` to `append`."""
 
     @property
-    def checkpoints_path(self) -> Any:
-        return self._store.checkpoints.path
+    def checkpoints_path(self) -> Path:
+        return self._config.checkpoints_path
 
     @property
     def head(self) -> tuple[int, str]:
-        """(seq, hash) of the newest committed entry."""
-        return self._store.head_seq, self._store.head_hash
+        """(seq, hash) of the newest committed entry, as last acknowledged."""
+        return self._head
 
     async def start(self) -> None:
-        """Start the writer thread; calls a stop left open are recorded first.
+        """Start the writer process; calls a stop left open are recorded first.
 
-        Raises the database's error when the log cannot be read or recovered.
+        Raises AuditWriteError when the log cannot be read or recovered.
         """
-        if self._thread is not None:
+        if self._process is not None:
             raise RuntimeError("the audit log is already started")
-        ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._thread = threading.Thread(
-            target=self._run, args=(_Work("stop", ready),), name="aicc-audit", daemon=True
-        )
-        self._thread.start()
-        await ready
+        ours, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            try:
+                self._process = await asyncio.to_thread(_launch_worker, fd)
+            except OSError as exc:
+                ours.close()
+                raise AuditWriteError(f"cannot start the audit writer: {exc}") from exc
+        reader, self._writer = await asyncio.open_connection(sock=ours)
+        self._writer.write(encode_frame(self._config))
+        buffer = bytearray()
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = await _read_message(reader, buffer)
+        except (TimeoutError, EOFError, OSError) as exc:
+            await self._abandon()
+            raise AuditWriteError(f"the audit writer did not start: {exc!r}") from exc
+        assert isinstance(ready, Ready)
+        if ready.error is not None:
+            await self._abandon()
+            raise AuditWriteError(f"the audit log cannot start: {ready.error}")
+        if ready.num_recovered:
+            logger.warning("audit: %d call(s) left open by a stop recorded", ready.num_recovered)
+        self._head = ready.head
+        self._reader_task = asyncio.create_task(self._read_acks(reader, buffer))
 
     async def close(self) -> None:
-        """Commit everything queued, write a `close` checkpoint, stop the thread."""
-        if self._thread is None or self._is_closed:
+        """Commit everything queued, write a `close` checkpoint, stop the writer process."""
+        if self._process is None or self._is_closed:
             return
         self._is_closed = True
-        if self._thread.is_alive():
-            await self._submit(_Work("stop", self._new_future()), check_open=False)
-        await asyncio.to_thread(self._thread.join)
+        if self._reader_task is not None and not self._reader_task.done():
+            with contextlib.suppress(AuditWriteError):
+                await self._submit("stop", None, check_open=False)
+        await self._abandon()
 
     async def open_call(self, record: CallRecord, outcome: CallOutcome) -> None:
         """Commit an `audit_open` row for a stream (before its headers go out): should the
@@ -126,9 +150,8 @@ class AuditLog:
 
         Raises AuditWriteError when it cannot be committed.
         """
-        call_id = uuid.uuid4().hex
-        entry = entry_from_call(record, outcome)
-        await self._submit(_Work("open", self._new_future(), entry=entry, call_id=call_id))
+        call_id = f"{id(self):x}-{next(self._ids)}"
+        await self._submit("open", call_values(record, outcome), call_id)
         self._open_calls[id(record)] = call_id
 
     async def append(self, record: CallRecord, outcome: CallOutcome) -> None:
@@ -136,9 +159,8 @@ class AuditLog:
 
         Raises AuditWriteError when it cannot be committed.
         """
-        entry = entry_from_call(record, outcome, cipher=self._cipher)
         call_id = self._open_calls.pop(id(record), None)
-        await self._submit(_Work("append", self._new_future(), entry=entry, call_id=call_id))
+        await self._submit("append", call_values(record, outcome), call_id)
 
     async def append_event(
         self,
@@ -150,7 +172,7 @@ class AuditLog:
     ) -> None:
         """Record what is not an HTTP call. Raises AuditWriteError like `append`."""
         entry = event_entry(action=action, principal=principal, detail=detail, status=status)
-        await self._submit(_Work("append", self._new_future(), entry=entry))
+        await self._submit("event", entry)
 
     async def purge(
         self, before: datetime, *, actor: Principal | None, record_empty: bool = True
@@ -165,139 +187,109 @@ class AuditLog:
         """
         if before.tzinfo is None:
             raise ValueError("the purge cut must be an aware datetime")
-        work = _Work("purge", self._new_future(), cut=before, actor=actor)
-        work.record_empty = record_empty
-        count: int = await self._submit(work)
+        count: int = await self._submit("purge", (before, actor, record_empty))
         return count
 
-    def _new_future(self) -> asyncio.Future[Any]:
-        return asyncio.get_running_loop().create_future()
-
-    async def _submit(self, work: _Work, *, check_open: bool = True) -> Any:
-        if self._thread is None or (check_open and self._is_closed):
+    async def _submit(
+        self, kind: Kind, payload: Any, call_id: str | None = None, *, check_open: bool = True
+    ) -> Any:
+        if self._reader_task is None or self._reader_task.done():
             raise AuditWriteError("the audit log is not running")
+        if check_open and self._is_closed:
+            raise AuditWriteError("the audit log is closed")
+        loop = asyncio.get_running_loop()
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._hand_over)
-        self._pending.append(work)
-        return await work.future
+            loop.call_soon(self._send_pending)
+        work_id = next(self._ids)
+        self._pending.append((kind, work_id, payload, call_id))
+        future: asyncio.Future[Any] = loop.create_future()
+        self._futures[work_id] = future
+        return await future
 
-    def _hand_over(self) -> None:
+    def _send_pending(self) -> None:
         pending, self._pending = self._pending, []
-        for work in pending:
-            self._queue.put(work)
-
-    # -- the writer thread ---------------------------------------------------------------------
-    def _run(self, ready: _Work) -> None:
-        try:
-            num_recovered = self._store.prepare()
-        except Exception as exc:
-            logger.exception("the audit log cannot start")
-            self._store.release()
-            _settle([ready], exc)
+        if self._writer is None or self._writer.is_closing():
+            self._fail([item[1] for item in pending], "the audit writer stopped")
             return
-        if num_recovered:
-            logger.warning("audit: %d call(s) left open by a stop recorded", num_recovered)
-        _settle([ready])
-        carried: _Work | None = None
-        while True:
-            work = carried or self._queue.get()
-            carried = None
-            if work.kind == "stop":
-                self._store.checkpoint("close", only_if_new=True)
-                self._store.release()
-                _settle([work])
-                break
-            if work.kind == "purge":
-                self._purge(work)
-                continue
-            batch = [work]
-            while len(batch) < MAX_BATCH:
+        try:
+            frame = encode_frame(pending)
+        except Exception:  # e.g. a detail value pickle cannot hold: fail only its own call
+            for item in pending:
                 try:
-                    queued = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if queued.kind in ("purge", "stop"):
-                    carried = queued
-                    break
-                batch.append(queued)
-            self._commit(batch)
-        self._fail_leftovers()
+                    self._writer.write(encode_frame([item]))
+                except Exception:
+                    logger.exception("audit: a call's values cannot be sent to the writer")
+                    self._fail([item[1]], "the audit log could not record this call")
+            return
+        self._writer.write(frame)
 
-    def _commit(self, batch: list[_Work]) -> None:
-        started = time.perf_counter()
-        opens: list[OpenCall] = []
-        appends: list[Append] = []
-        for work in batch:
-            if work.entry is None:
+    async def _read_acks(self, reader: asyncio.StreamReader, buffer: bytearray) -> None:
+        try:
+            while True:
+                chunk = await reader.read(_READ_BYTES)
+                if not chunk:
+                    break
+                buffer += chunk
+                for done in decode_frames(buffer):
+                    self._settle(done)
+        except OSError:
+            logger.exception("audit: lost the connection to the writer process")
+        finally:
+            if not self._is_closed:
+                logger.error("audit: the writer process stopped; audited calls now fail (503)")
+            self._fail(list(self._futures), "the audit writer stopped")
+
+    def _settle(self, done: Done) -> None:
+        self._head = done.head
+        for work_id, error, result in done.results:
+            future = self._futures.pop(work_id, None)
+            if future is None or future.done():  # the caller was cancelled: committed anyway
                 continue
-            if work.kind == "open" and work.call_id is not None:
-                opens.append(OpenCall(work.call_id, work.entry))
-            elif work.kind == "append":
-                appends.append(Append(work.entry, work.call_id))
-        try:
-            self._store.commit(opens, appends)
-        except _DATA_ERRORS as exc:
-            self._store.reset()
-            if len(batch) > 1:
-                for work in batch:  # one bad entry must not fail its neighbours
-                    self._commit([work])
-                return
-            logger.exception("an audit entry was refused by the database")
-            _settle(batch, _write_error(exc))
-            return
-        except Exception as exc:
-            logger.exception("audit commit failed")
-            self._store.reset()
-            _settle(batch, _write_error(exc))
-            return
-        _settle(batch)
-        if self._on_commit is not None:
-            self._on_commit(time.perf_counter() - started, len(batch))
+            if error is None:
+                future.set_result(result)
+            else:
+                logger.error("audit write failed: %s", error)
+                future.set_exception(AuditWriteError("the audit log could not record this call"))
+        if done.commit_s is not None and self._on_commit is not None:
+            self._on_commit(done.commit_s, done.num_committed)
 
-    def _purge(self, work: _Work) -> None:
-        assert work.cut is not None  # set by `purge`
-        try:
-            count = self._store.purge(work.cut, work.actor, record_empty=work.record_empty)
-        except Exception as exc:
-            logger.exception("audit purge failed")
-            self._store.reset()
-            _settle([work], _write_error(exc))
-            return
-        _settle([work], count)
+    def _fail(self, work_ids: list[int], message: str) -> None:
+        for work_id in work_ids:
+            future = self._futures.pop(work_id, None)
+            if future is not None and not future.done():
+                future.set_exception(AuditWriteError(message))
 
-    def _fail_leftovers(self) -> None:
-        leftovers = []
-        while True:
+    async def _abandon(self) -> None:
+        """Close the socket and reap the process (killed if it does not stop in time)."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            await self._reader_task
+        process = self._process
+        if process is not None:
             try:
-                leftovers.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        _settle(leftovers, AuditWriteError("the audit log is closed"))
+                await asyncio.to_thread(process.wait, STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.error("audit: the writer process did not stop; killing it")
+                process.kill()
+                await asyncio.to_thread(process.wait)
 
 
-def _settle(works: list[_Work], result: Any = None) -> None:
-    """Resolve futures on their own loops: one wake-up per loop and batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[Any]]] = {}
-    for work in works:
-        by_loop.setdefault(work.future.get_loop(), []).append(work.future)
-    for loop, futures in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, futures, result)
-        except RuntimeError:
-            logger.debug("audit: a caller's event loop closed before its entry committed")
+def _launch_worker(fd: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-c", _WORKER_MAIN, str(fd), json.dumps(sys.path)]
+    return subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
 
 
-def _resolve(futures: list[asyncio.Future[Any]], result: Any) -> None:
-    for future in futures:
-        if future.done():  # the caller was cancelled; the entry is committed regardless
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-
-def _write_error(cause: BaseException) -> AuditWriteError:
-    error = AuditWriteError("the audit log could not record this call")
-    error.__cause__ = cause
-    return error
+async def _read_message(reader: asyncio.StreamReader, buffer: bytearray) -> Any:
+    """The next frame (leaving any later bytes in `buffer`). Raises EOFError at the end."""
+    while True:
+        chunk = await reader.read(_READ_BYTES)
+        if not chunk:
+            raise EOFError("the audit writer exited")
+        buffer += chunk
+        messages = decode_frames(buffer)
+        if messages:
+            # The worker sends nothing after `Ready` until it is sent work.
+            return messages[0]
