@@ -1,0 +1,1 @@
+"""Routing: deployments and their variants (A/B, canary), replicas, health, remote upstreams."""
