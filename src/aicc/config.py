@@ -160,6 +160,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
     """Largest request body accepted; larger bodies get 413."""
 
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    """Longest a client may take to send a request's headers, counted from the connection's
+    start (or the first byte of the next request on a kept-alive connection); then 408 and
+    the connection is closed. Cuts slowloris clients off before a request exists."""
+
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Longest the request body may stall between two pieces; then 408 and the connection is
+    closed. The body is read before any route runs: a slow upload holds no engine slot."""
+
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024**2)
+    """Largest request line + headers accepted; larger get 431 and the connection is closed."""
+
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Most open connections (or requests in progress); requests beyond it get 503."""
+
+    keep_alive_s: float = Field(default=5.0, gt=0, le=3600)
+    """How long an idle kept-alive connection waits for its next request before it is closed."""
+
     embedding_ctx_size: int = Field(default=2048, ge=64, le=1048576)
     """Longest input `/v1/embeddings` accepts, in tokens (capped by the model's training
     context). Its context is created on the first embeddings request, beside the chat one."""
@@ -180,6 +198,24 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Server log verbosity."""
 
+    # -- engine workers ----------------------------------------------------------------------
+    role: Literal["gateway", "engine"] = "gateway"
+    """`gateway`: the full server (users, audit, quotas; the engine in-process or in workers).
+    `engine`: an engine-only worker for a gateway on the same machine — loopback only, no
+    users or audit of its own, one internal bearer token (`AICC_WORKER_TOKEN`)."""
+
+    workers: int = Field(default=0, ge=0, le=64)
+    """Engine worker processes the gateway starts and supervises on this machine, `threads`
+    split among them (0: the engine runs in the gateway's process)."""
+
+    worker_start_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """Longest a worker may take to load its model and answer /readyz; then it is killed
+    and started again."""
+
+    worker_restart_max_s: float = Field(default=30.0, ge=1, le=3600)
+    """Longest wait before restarting a crashed worker: 1 s after the first crash, doubling
+    after each further one up to this; a worker that stayed up this long starts over at 1 s."""
+
     # -- model store -------------------------------------------------------------------------
     hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://")
     """Hugging Face-compatible endpoint `aicc models pull` downloads from (a mirror, ModelScope)."""
@@ -195,6 +231,16 @@ class Settings(BaseSettings):
 
     model_key_command: str | None = Field(default=None, min_length=1)
     """Command printing the model key (64 hex characters) on stdout: a KMS or HSM client."""
+
+    max_loaded_models: int = Field(default=2, ge=1, le=64)
+    """Most models loaded at once, the configured `model` included (it always stays). Another
+    registered model is loaded on its first request; when the limit is reached the least
+    recently used idle one is unloaded first (none idle: 503 with Retry-After). Each loaded
+    model holds its weights and a KV cache of `ctx_size` cells. 1: only the configured model."""
+
+    model_poll_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often the server checks the model registry: models added (`aicc models pull`,
+    `import`, `quantize`) become listed and usable, removed ones are unloaded once idle."""
 
     # -- state and identity ------------------------------------------------------------------
     state_dir: Path = Field(default_factory=default_state_dir)
@@ -309,6 +355,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"audit_retention_days={self.audit_retention_days} is below the 180 days "
                 "required; set audit_retention_force: true to allow it"
+            )
+        if self.role == "engine" and self.workers:
+            raise ValueError(
+                f"workers={self.workers} needs role gateway: an engine worker runs no workers"
             )
         if self.secret_key is not None and len(self.secret_key.get_secret_value()) < 32:
             raise ValueError("secret_key must be at least 32 characters")

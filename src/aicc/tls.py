@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aicc.config import Settings
+from aicc.edge import HeaderLimits, guarded_protocol
 from aicc.errors import ConfigError
 
 DEFAULT_DAYS = 825
@@ -101,15 +102,23 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
-    """A uvicorn Config serving `app` on settings.host:port, over HTTPS when TLS is set.
+    """A uvicorn Config serving `app` on settings.host:port, over HTTPS when TLS is set, with
+    the edge's limits: header timeout and size (`aicc.edge`), connections, keep-alive.
 
-    `kwargs` are passed to uvicorn.Config and override host, port and log_level. Raises
-    ConfigError as `server_ssl_context` does — here, before any socket is bound.
+    `kwargs` are passed to uvicorn.Config and override these options. Raises ConfigError as
+    `server_ssl_context` does — here, before any socket is bound.
     """
+    limits = HeaderLimits(timeout_s=settings.header_timeout_s, max_bytes=settings.max_header_bytes)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "http": guarded_protocol(limits),
+        # Beyond it uvicorn answers 503 (slow connections count until their header timeout).
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+        # Bounds headers if `http="h11"` is passed instead of our protocol.
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
     options.update(kwargs)
     context = server_ssl_context(settings)

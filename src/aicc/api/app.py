@@ -6,18 +6,21 @@ import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from aicc import __version__
 from aicc.api import health, tokenize
 from aicc.api import metrics as metrics_routes
 from aicc.api.admin import account, audit, keys, roles, users
 from aicc.api.admin import config as config_routes
-from aicc.api.errors import install_error_handlers
+from aicc.api.errors import error_response, install_error_handlers
 from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from aicc.api.models import ModelsBusyError
 from aicc.api.observe import RecordingMiddleware
 from aicc.api.openai import embeddings
 from aicc.api.openai import routes as openai_routes
+from aicc.api.record import call_record
 from aicc.api.state import APP_STATE_NAMES, open_state, running_model, running_state
 from aicc.config import Settings
 from aicc.observability.logging import log_call
@@ -70,6 +73,7 @@ def create_app(
     app.state.metrics = Metrics() if settings.metrics_enabled else None
     app.state.log_call = log_call
     install_error_handlers(app)
+    app.add_exception_handler(ModelsBusyError, _on_models_busy)  # type: ignore[arg-type]
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(embeddings.router)
@@ -79,7 +83,21 @@ def create_app(
     if settings.metrics_enabled:
         public = settings.metrics_public
         app.include_router(metrics_routes.public_router if public else metrics_routes.router)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(RecordingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+async def _on_models_busy(request: Request, exc: ModelsBusyError) -> JSONResponse:
+    """503 with `Retry-After`: every loaded model is in use, none can make room."""
+    record = call_record(request)
+    if record is not None:
+        record.error_code = exc.code
+    response = error_response(exc)
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response

@@ -1,7 +1,8 @@
-"""Plain ASGI middleware: request ids and the request-body size limit."""
+"""Plain ASGI middleware: request ids, and the request body's size limit and timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import re
@@ -53,15 +54,18 @@ class RequestIdMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuses bodies over `max_bytes` with 413, by Content-Length or while they stream in.
+    """Refuses bodies over `max_bytes` with 413, by Content-Length or while they stream in,
+    and bodies that stall longer than `body_timeout_s` between two pieces with 408.
 
     The body is read here, up to the limit, and replayed to the app: the app never sees a
-    partial body, and a chunked upload cannot grow past the limit in memory.
+    partial body, a chunked upload cannot grow past the limit in memory, and a slow upload
+    is cut off before any route runs (so it never holds a queue place or an engine slot).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,7 +78,12 @@ class BodySizeLimitMiddleware:
         chunks: list[bytes] = []
         received = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                await self._time_out(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 return  # the client went away before sending its body
             chunk = message.get("body", b"")
@@ -106,6 +115,13 @@ class BodySizeLimitMiddleware:
         message = f"The request body is larger than the limit of {self.max_bytes} bytes."
         body = error_body(message, "invalid_request_error", code="payload_too_large")
         await JSONResponse(body, status_code=413)(scope, receive, send)
+
+    async def _time_out(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"The request body stalled for more than {self.body_timeout_s:g} s."
+        body = error_body(message, "invalid_request_error", code="request_timeout")
+        # Close: the rest of this body, whenever it comes, must not be read as a request.
+        response = JSONResponse(body, status_code=408, headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -1,16 +1,20 @@
 """What the app holds while it runs, built in order in the lifespan and torn down in reverse:
-state database + identity + quotas + audit log, then the model and the engine."""
+state database + identity + quotas + audit log + model registry, then the configured model,
+its engine, and the pool of models loaded on demand."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from aicc.api.admin.deps import Identity
+from aicc.api.models import LoadedModel, ModelPool, aliases_of
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.serving import OpenAIServing, ServingLimits
 from aicc.auth.resolver import CredentialResolver
@@ -20,14 +24,18 @@ from aicc.config import Settings
 from aicc.db import Database
 from aicc.engine.grammar import GrammarCompiler
 from aicc.engine.registry import create_engine
-from aicc.errors import AiccError
+from aicc.errors import AiccError, ModelLoadError
 from aicc.quota import RateLimiter
+from aicc.store.crypto import ENCRYPTED_SUFFIX, ModelDecryptionError, plaintext_paths
 from aicc.store.local import LocalModel, resolve_model
+from aicc.store.model_keys import find_model_key
+from aicc.store.registry import ModelRecord, ModelRegistry
 
 logger = logging.getLogger(__name__)
 
 APP_STATE_NAMES = (
-    "identity", "resolver", "limiter", "audit", "engine", "serving", "chat", "startup_error",
+    "identity", "resolver", "limiter", "audit", "registry", "engine", "serving", "chat", "pool",
+    "startup_error",
 )  # fmt: skip
 
 
@@ -64,6 +72,7 @@ def open_state(
     app.state.resolver = resolver
     app.state.identity = Identity(service, resolver)
     app.state.limiter = RateLimiter(db)
+    app.state.registry = ModelRegistry(db, settings.model_dir)
     return db
 
 
@@ -92,7 +101,7 @@ async def running_state(
         limiter.start()
         stack.push_async_callback(limiter.close)
         yield
-    for name in ("identity", "resolver", "limiter", "audit"):
+    for name in ("identity", "resolver", "limiter", "audit", "registry"):
         setattr(app.state, name, None)
 
 
@@ -100,32 +109,112 @@ async def running_state(
 async def running_model(
     app: FastAPI, settings: Settings, model: LocalModel | None
 ) -> AsyncIterator[None]:
-    """Load the model, start the engine, and the services routes use."""
-    local = model
-    if local is None:
-        local = await asyncio.to_thread(resolve_model, settings.model, settings.model_dir)
-    served_name = settings.served_model_name or local.name
-    engine = create_engine(settings, local.path, served_name)
+    """Load the configured model, start its engine and the services routes use, and the pool
+    that serves registered models beside it."""
+    registry: ModelRegistry | None = app.state.registry
+    compiler = GrammarCompiler()
     try:
-        await engine.start()
+        local = model
+        if local is None:
+            local = await asyncio.to_thread(
+                resolve_model, settings.model, settings.model_dir, registry
+            )
+        served_name = settings.served_model_name or local.name
+        aliases = aliases_of(served_name) if settings.served_model_name is None else frozenset()
+        default = await load_model(settings, local, served_name, aliases, compiler)
     except AiccError as exc:
+        compiler.close()
         app.state.startup_error = exc
         raise
-    app.state.engine = engine
-    limits = ServingLimits(settings.max_stop_strings, settings.max_n)
-    serving = OpenAIServing(engine, served_name, limits)
-    compiler = GrammarCompiler()
-    app.state.serving = serving
-    app.state.chat = ChatServing(serving, compiler, reasoning_parser=settings.reasoning_parser)
+    app.state.engine = default.engine
+    app.state.serving = default.serving
+    app.state.chat = default.chat
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None:
-        metrics.bind(engine, app.state.limiter, served_name)
+        metrics.bind(default.engine, app.state.limiter, served_name)
+
+    async def load_registered(record: ModelRecord) -> LoadedModel:
+        paths = tuple(record.paths(settings.model_dir))
+        local = LocalModel(record.ref, paths[0], False, paths, record.encrypted)
+        return await load_model(settings, local, record.ref, aliases_of(record.ref), compiler)
+
+    pool = ModelPool(
+        default,
+        registry=registry,
+        load=load_registered,
+        max_loaded=settings.max_loaded_models,
+        poll_s=settings.model_poll_s,
+        retry_after_s=settings.retry_after_s,
+        default_ref=local.name if local.files else None,
+        metrics=metrics,
+    )
     logger.info("serving %s from %s", served_name, local.path)
     try:
+        await pool.start()
+        app.state.pool = pool
         yield
     finally:
-        app.state.engine = None
-        app.state.serving = None
-        app.state.chat = None
+        for name in ("pool", "engine", "serving", "chat"):
+            setattr(app.state, name, None)
+        await pool.close()
         compiler.close()
-        await engine.shutdown()
+        await default.engine.shutdown()
+
+
+async def load_model(
+    settings: Settings,
+    local: LocalModel,
+    served_name: str,
+    aliases: frozenset[str],
+    compiler: GrammarCompiler,
+) -> LoadedModel:
+    """Start an engine on `local` (decrypted into memory when encrypted) and its services.
+
+    Raises ModelLoadError (llama.cpp failed), ModelDecryptionError (no or wrong key, damaged
+    file), ConfigError (unreadable or malformed key); messages name the model.
+    """
+    key = await asyncio.to_thread(find_model_key, settings) if local.is_encrypted else None
+    files = list(local.files) or [local.path]
+    try:
+        async with _plaintext_model(files, key) as path:
+            engine = create_engine(settings, path, served_name)
+            await engine.start()
+    except ModelDecryptionError as exc:
+        raise ModelDecryptionError(f"cannot load model {local.name!r}: {exc.message}") from None
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot load model {local.name!r}: {exc.message}") from None
+    limits = ServingLimits(settings.max_stop_strings, settings.max_n)
+    serving = OpenAIServing(engine, served_name, limits, aliases)
+    chat = ChatServing(serving, compiler, reasoning_parser=settings.reasoning_parser)
+    return LoadedModel(served_name, engine, serving, chat)
+
+
+@asynccontextmanager
+async def _plaintext_model(files: list[Path], key: bytes | None) -> AsyncIterator[Path]:
+    """The path llama.cpp opens for `files` (part 1 of a multi-part model). Encrypted files
+    are decrypted into memfds (off the event loop), closed again once the block ends: a loaded
+    model keeps its mapped pages."""
+    manager = plaintext_paths(files, key)
+    paths = await asyncio.to_thread(manager.__enter__)
+    try:
+        if len(paths) == 1 or paths == files:
+            yield paths[0]
+        else:
+            with _split_aliases(files, paths) as first:
+                yield first
+    finally:
+        manager.__exit__(None, None, None)
+
+
+@contextmanager
+def _split_aliases(files: list[Path], paths: list[Path]) -> Iterator[Path]:
+    """llama.cpp finds a split model's parts beside part 1 by their names
+    (`x-00002-of-00003.gguf`), which memfds lack: a private directory of links, named as the
+    plaintext files, to the decrypted parts (the links hold no model bytes)."""
+    with tempfile.TemporaryDirectory(prefix="aicc-parts-") as directory:
+        links = []
+        for file, path in zip(files, paths, strict=True):
+            link = Path(directory) / file.name.removesuffix(ENCRYPTED_SUFFIX)
+            link.symlink_to(path)
+            links.append(link)
+        yield links[0]

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from aicc.api.access import Reader
-from aicc.api.openai.routes import Serving
+from aicc.api.openai.routes import ReaderServing
 from aicc.api.openai.serving import off_loop_if_large
 from aicc.engine.interface import EngineClient
 
@@ -36,12 +36,12 @@ router = APIRouter()
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, serving: Serving, _: Reader) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, serving: ReaderServing, _: Reader) -> dict[str, Any]:
     return await off_loop_if_large(len(body.content), _tokenize, serving.engine, body)
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, serving: Serving, _: Reader) -> dict[str, str]:
+async def detokenize(body: DetokenizeRequest, serving: ReaderServing, _: Reader) -> dict[str, str]:
     """Special tokens are rendered as their text. Ids outside the vocabulary → 400."""
     engine = serving.engine
     return {"content": await off_loop_if_large(len(body.tokens), engine.detokenize, body.tokens)}

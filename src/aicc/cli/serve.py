@@ -1,4 +1,5 @@
-"""`aicc serve`: resolve the model, start uvicorn, print how to call the server."""
+"""`aicc serve`: start uvicorn on the app (which resolves and loads the model), print how to
+call the server."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 
 import click
 import uvicorn
+from fastapi import FastAPI
 
 from aicc.api.app import create_app
+from aicc.api.models import ModelPool
 from aicc.config import Settings
 from aicc.errors import AiccError
 from aicc.observability.logging import configure_logging, uvicorn_logging_options
@@ -19,7 +22,11 @@ def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     if settings.model == BUNDLED_MODEL_NAME:
         click.echo(f"aicc: preparing the bundled model in {settings.model_dir} ...", err=True)
-    model = resolve_model(settings.model, settings.model_dir)
+    # Here first, so that a wrong name fails before anything starts; a registered model
+    # (`name[:tag]`) is then resolved again at start-up through the registry, whose record
+    # (files, encryption) is authoritative.
+    resolved = resolve_model(settings.model, settings.model_dir)
+    model = None if resolved.files else resolved
     app = create_app(settings, model, on_bootstrap_key=_show_bootstrap_key)
     # Our logging, not uvicorn's (its config would replace our handlers and log access twice).
     config = uvicorn_config(
@@ -33,7 +40,7 @@ def run_server(settings: Settings) -> None:
         scheme = "https" if settings.tls_cert is not None else "http"
         # uvicorn's loop (uvloop when installed): socket writes and timers in C, not Python.
         with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-            runner.run(_serve(server, settings.served_model_name or model.name, scheme))
+            runner.run(_serve(server, app, scheme))
     except SystemExit:  # uvicorn exits when the app's start-up fails
         if app.state.startup_error is None:
             raise
@@ -51,14 +58,15 @@ def _show_bootstrap_key(key: str) -> None:
     )
 
 
-async def _serve(server: uvicorn.Server, model_name: str, scheme: str) -> None:
+async def _serve(server: uvicorn.Server, app: FastAPI, scheme: str) -> None:
     task = asyncio.create_task(server.serve())
     # uvicorn offers no "listening" event; poll its flag (the sockets exist only then).
     while not server.started and not task.done():  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if server.started:
+    pool: ModelPool | None = app.state.pool
+    if server.started and pool is not None:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
-        click.echo(_banner(f"{scheme}://{host}:{port}", model_name))
+        click.echo(_banner(f"{scheme}://{host}:{port}", pool.default.name))
     await task
 
 

@@ -1,8 +1,9 @@
 """Prometheus metrics (prefix `aicc_`): one `Metrics` object per app, on `app.state.metrics`.
 
 Per-call metrics are counted by `observe_call` when the recording middleware finishes a call.
-Engine, limiter, process and GPU state is read when Prometheus scrapes (`render`): the engine
-thread only appends one `StepSample` per step to a bounded buffer, drained here.
+Engine, limiter, process and GPU state is read when Prometheus scrapes (`render`): each engine
+thread only appends one `StepSample` per step to a bounded buffer, drained here. Every loaded
+model's engine is bound under its served name (`bind_model`/`unbind_model`).
 
 Model metrics carry `model` and `variant` labels; `variant` is reserved for routing between
 model variants (always "" until then). A call's model label is its model only when that is a
@@ -144,22 +145,39 @@ class Metrics:
         self._audit_records = Counter("aicc_audit_records", "Audit entries committed.", registry=r)
         ProcessCollector(namespace="aicc", registry=r)
         r.register(_ScrapeCollector(self))
-        self.engine: EngineClient | None = None
+        self.engines: dict[str, EngineClient] = {}
+        """Loaded models' engines by served name, read at each scrape."""
         self.limiter: RateLimiter | None = None
-        self.model = ""
         self.gpu = gpu
         self._known_models: set[str] = set()
         self._series: dict[str, _ModelSeries] = {}
         self._call_children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
 
     def bind(self, engine: EngineClient | None, limiter: RateLimiter | None, model: str) -> None:
-        """Read `engine` and `limiter` at each scrape from now on (None: stop reading it);
-        `model` is the served name. Opens NVML the first time (no GPU: no GPU metrics)."""
-        self.engine, self.limiter, self.model = engine, limiter, model
+        """Read `limiter`, and `engine` as served model `model`, at each scrape from now on
+        (None: stop reading it). Opens NVML the first time (no GPU: no GPU metrics)."""
+        self.limiter = limiter
+        if engine is not None:
+            self.bind_model(model, engine)
+        else:
+            self.unbind_model(model)
         if model:
             self._known_models.add(model)
         if self.gpu is None:
             self.gpu = GpuReader.open()
+
+    def bind_model(self, model: str, engine: EngineClient) -> None:
+        """Read `engine` at each scrape under the label `model` (a loaded model)."""
+        self.engines[model] = engine
+        if model:
+            self._known_models.add(model)
+
+    def unbind_model(self, model: str) -> None:
+        """Stop reading the engine of `model` (unloaded); its last step samples are kept.
+        Its name stays a known label: calls naming it after the unload still count under it."""
+        engine = self.engines.pop(model, None)
+        if engine is not None:
+            self._drain_engine(model, engine)
 
     def close(self) -> None:
         """Release NVML."""
@@ -209,10 +227,11 @@ class Metrics:
 
     # -- helpers ---------------------------------------------------------------------------
     def _drain_steps(self) -> None:
-        engine = self.engine
-        if engine is None:
-            return
-        series = self._model_series(self.model)
+        for model, engine in list(self.engines.items()):
+            self._drain_engine(model, engine)
+
+    def _drain_engine(self, model: str, engine: EngineClient) -> None:
+        series = self._model_series(model)
         for sample in engine.drain_step_samples():
             series.batch_size.observe(sample.batch_size)
             series.step_seconds.observe(sample.duration_s)
@@ -246,7 +265,7 @@ class _ScrapeCollector:
 
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
-        yield from self._engine_metrics(metrics.engine, metrics.model)
+        yield from _engine_metrics(list(metrics.engines.items()))
         limiter = metrics.limiter
         if limiter is not None:
             stats = limiter.stats()
@@ -261,44 +280,46 @@ class _ScrapeCollector:
         if metrics.gpu is not None:
             yield from gpu_metric_families(metrics.gpu.read())
 
-    def _engine_metrics(self, engine: EngineClient | None, model: str) -> Iterator[Metric]:
-        if engine is None:
-            return
+
+def _engine_metrics(engines: list[tuple[str, EngineClient]]) -> Iterator[Metric]:
+    """One family per metric, one sample per loaded model."""
+    running = _model_gauge("aicc_requests_running", "Sequences in the batch.")
+    waiting = _model_gauge("aicc_requests_waiting", "Sequences queued.")
+    kv_usage = _model_gauge(
+        "aicc_kv_cache_usage_ratio",
+        "Fraction of KV cache cells in use (running sequences and cached prefixes).",
+    )
+    preemptions = CounterMetricFamily(
+        "aicc_engine_preemptions",
+        "Sequences sent back to the queue for lack of KV cache.",
+        labels=MODEL_LABELS,
+    )
+    hits = CounterMetricFamily(
+        "aicc_prefix_cache_hit_tokens",
+        "Prompt tokens taken from the prefix cache instead of computed.",
+        labels=MODEL_LABELS,
+    )
+    num_read = 0
+    for model, engine in engines:
         try:
             stats = engine.stats()
         except AiccError:
-            return  # stopped or not started: no engine gauges rather than a failed scrape
-        labels = (model, "")
+            continue  # stopped or not started: no engine gauges rather than a failed scrape
+        num_read += 1
+        labels = [model, ""]
         usage = stats.kv_cells_used / stats.kv_cells_total if stats.kv_cells_total else 0.0
-        yield _gauge("aicc_requests_running", "Sequences in the batch.", stats.num_running, labels)
-        yield _gauge("aicc_requests_waiting", "Sequences queued.", stats.num_waiting, labels)
-        yield _gauge(
-            "aicc_kv_cache_usage_ratio",
-            "Fraction of KV cache cells in use (running sequences and cached prefixes).",
-            usage,
-            labels,
-        )
-        preemptions = CounterMetricFamily(
-            "aicc_engine_preemptions",
-            "Sequences sent back to the queue for lack of KV cache.",
-            labels=MODEL_LABELS,
-        )
+        running.add_metric(labels, stats.num_running)
+        waiting.add_metric(labels, stats.num_waiting)
+        kv_usage.add_metric(labels, usage)
         preemptions.add_metric(labels, stats.num_preemptions)
-        yield preemptions
-        hits = CounterMetricFamily(
-            "aicc_prefix_cache_hit_tokens",
-            "Prompt tokens taken from the prefix cache instead of computed.",
-            labels=MODEL_LABELS,
-        )
         hits.add_metric(labels, stats.num_prefix_hit_tokens)
-        yield hits
+    if num_read:
+        yield from (running, waiting, kv_usage, preemptions, hits)
 
 
-def _gauge(
-    name: str, documentation: str, value: float, labels: tuple[str, ...] = ()
-) -> GaugeMetricFamily:
-    if not labels:
-        return GaugeMetricFamily(name, documentation, value=value)
-    family = GaugeMetricFamily(name, documentation, labels=MODEL_LABELS)
-    family.add_metric(labels, value)
-    return family
+def _model_gauge(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=MODEL_LABELS)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

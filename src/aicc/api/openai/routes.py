@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import json
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from aicc.api.access import Caller, Reader
+from aicc.api.models import LoadedModel, ModelPool
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.serving import OpenAIServing
@@ -20,21 +23,52 @@ router = APIRouter()
 T = TypeVar("T")
 
 
-async def get_serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing | None = getattr(request.app.state, "serving", None)
-    if serving is None:
+def model_pool(request: Request) -> ModelPool:
+    pool: ModelPool | None = getattr(request.app.state, "pool", None)
+    if pool is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
-    return serving
+    return pool
 
 
-async def get_chat(request: Request) -> ChatServing:
-    chat: ChatServing | None = getattr(request.app.state, "chat", None)
-    if chat is None:
-        raise EngineUnavailableError("the model is still loading; retry shortly")
-    return chat
+async def requested_model(request: Request) -> str | None:
+    """The `model` a POST body names (None: none, or a body the route's validation refuses).
+    FastAPI has parsed the body already; `Request.json` returns that parse."""
+    if request.method != "POST":
+        return None
+    try:
+        body: Any = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
+@asynccontextmanager
+async def leased_model(request: Request) -> AsyncIterator[LoadedModel]:
+    async with model_pool(request).lease(await requested_model(request)) as model:
+        yield model
+
+
+# Each depends on the route's access check, so that only a caller allowed to use the model
+# gets it loaded; the lease holds it loaded until the response has been sent.
+async def get_serving(request: Request, _: Caller) -> AsyncIterator[OpenAIServing]:
+    async with leased_model(request) as model:
+        yield model.serving
+
+
+async def get_chat(request: Request, _: Caller) -> AsyncIterator[ChatServing]:
+    async with leased_model(request) as model:
+        yield model.chat
+
+
+async def get_reader_serving(request: Request, _: Reader) -> AsyncIterator[OpenAIServing]:
+    async with leased_model(request) as model:
+        yield model.serving
 
 
 Serving = Annotated[OpenAIServing, Depends(get_serving)]
+ReaderServing = Annotated[OpenAIServing, Depends(get_reader_serving)]
+"""For routes that generate nothing (tokenization): the lighter `Reader` access check."""
 Chat = Annotated[ChatServing, Depends(get_chat)]
 
 
@@ -61,18 +95,17 @@ async def create_completion(
 
 
 @router.get("/v1/models")
-async def list_models(serving: Serving, principal: Reader) -> dict[str, Any]:
-    """The models this caller may use."""
-    cards = [serving.model_card()]
+async def list_models(request: Request, principal: Reader) -> dict[str, Any]:
+    """The models this caller may use: the served ones and every registered one."""
+    cards = model_pool(request).cards()
     allowed = [card for card in cards if principal.can_use_model(card["id"])]
     return {"object": "list", "data": allowed}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, serving: Serving, _: Reader) -> dict[str, Any]:
+async def retrieve_model(model_id: str, request: Request, _: Reader) -> dict[str, Any]:
     # `:path`: served names may contain "/" (e.g. "org/model"); the allow-list is checked.
-    serving.check_model(model_id)
-    return serving.model_card()
+    return model_pool(request).card(model_id)
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

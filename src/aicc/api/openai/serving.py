@@ -93,9 +93,17 @@ class Collected:
 class OpenAIServing:
     """What chat and text completions share: validation, sampling parameters, envelopes."""
 
-    def __init__(self, engine: EngineClient, served_name: str, limits: ServingLimits) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        served_name: str,
+        limits: ServingLimits,
+        aliases: frozenset[str] = frozenset(),
+    ) -> None:
+        """`aliases`: other names requests may use (a registered `name` for `name:latest`)."""
         self.engine = engine
         self.served_name = served_name
+        self.names = aliases | {served_name}
         self.limits = limits
         self.created = int(time.time())
         self.system_fingerprint = (
@@ -252,7 +260,7 @@ class OpenAIServing:
         }
 
     def check_model(self, name: str) -> None:
-        if name != self.served_name:
+        if name not in self.names:
             raise ModelNotFoundError(
                 f"The model {name!r} does not exist; this server serves {self.served_name!r}",
                 param="model",
