@@ -43,6 +43,13 @@ def main() -> None:
     "--tls-client-ca", type=click.Path(path_type=Path), help="Require client certs from this CA."
 )
 @click.option(
+    "--role",
+    type=click.Choice(["gateway", "engine"]),
+    help="`engine`: engine-only worker on loopback (token in AICC_WORKER_TOKEN).  "
+    "[default: gateway]",
+)
+@click.option("--workers", type=int, help="Engine worker processes (0: in-process).  [default: 0]")
+@click.option(
     "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
 )
 def serve(config_file: Path | None, **flags: Any) -> None:
@@ -51,7 +58,12 @@ def serve(config_file: Path | None, **flags: Any) -> None:
 
     settings = _settings_or_exit(config_file, flags)
     try:
-        run_server(settings)
+        if settings.role == "engine":
+            from aicc.cli.engine_role import run_engine
+
+            run_engine(settings)
+        else:
+            run_server(settings)
     except AiccError as exc:
         _fail(exc.message)
 
