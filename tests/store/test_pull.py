@@ -295,3 +295,31 @@ def test_refusals(hub: Hub, client: HubClient, registry: ModelRegistry, tiny: by
     with pytest.raises(InvalidRequestError):
         pull_model(registry, client, plan_pull(client, f"hf:{REPO}:plain.gguf"), ref="../x")
     shutil.rmtree(registry.model_dir, ignore_errors=True)
+
+
+def test_the_cli_pulls_resumes_and_lists(
+    hub: Hub, server: tuple[str, Hub], tiny: bytes, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from aicc.cli.main import main
+
+    env = {
+        "AICC_MODEL_DIR": str(tmp_path / "models"),
+        "AICC_STATE_DIR": str(tmp_path / "state"),
+        "AICC_CONFIG": "",
+        "AICC_HF_ENDPOINT": server[0],
+    }
+    hub.drop_after["tiny-Q4_K_M.gguf"] = 200_000
+    runner = CliRunner()
+    args = ["models", "pull", f"hf:{REPO}", "--name", "tiny:cli"]
+    dropped = runner.invoke(main, args, env=env)
+    assert dropped.exit_code == 1, dropped.output
+    assert "Traceback" not in dropped.output
+    resumed = runner.invoke(main, args, env=env)  # the same name: the partial file resumes
+    assert resumed.exit_code == 0, resumed.output
+    assert "pulled tiny:cli" in resumed.output
+    assert any(r is not None and r.startswith("bytes=200000-") for _, r in hub.ranges)
+    listed = runner.invoke(main, ["models", "show", "tiny:cli", "--json"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert hashlib.sha256(tiny).hexdigest() in listed.output
