@@ -94,9 +94,15 @@ class AuditEntry:
 
     def chained(self, seq: int, prev_hash: str) -> AuditEntry:
         """This entry at `seq`, linked to `prev_hash`, with its own hash."""
+        hash_, _ = self.link(seq, prev_hash)
+        return replace(self, seq=seq, prev_hash=prev_hash, hash=hash_)
+
+    def link(self, seq: int, prev_hash: str) -> tuple[str, str]:
+        """(hash, time as hashed) of this entry at `seq` after `prev_hash`, without making
+        the chained entry (the writer inserts the values straight away)."""
         values = self.hashed_fields()
         values["seq"] = seq
-        return replace(self, seq=seq, prev_hash=prev_hash, hash=link_hash(prev_hash, values))
+        return link_hash(prev_hash, values), values["time"]
 
     def to_row(self) -> dict[str, Any]:
         """Column values for `audit_log`."""

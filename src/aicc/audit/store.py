@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 _LOG = cast(Table, AuditEntryRow.__table__)
 _LOG_COLUMNS = tuple(column.name for column in _LOG.columns)
-_SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 _OPEN = cast(Table, AuditOpenCall.__table__)
 
 
@@ -162,22 +161,19 @@ class ChainStore:
     ) -> tuple[int, str]:
         """Insert in the caller's transaction; the new head, to adopt once it commits."""
         seq, head = self.head_seq, self.head_hash
-        rows = []
+        values: list[object] = []
         for append in appends:
             seq += 1
-            chained = append.entry.chained(seq, head)
-            head = chained.hash
-            rows.append(chained)
+            hash_, hashed_time = append.entry.link(seq, head)
+            values.extend(self._row_values(append.entry, seq, head, hash_, hashed_time))
+            head = hash_
         closed = [a.open_call_id for a in appends if a.open_call_id is not None]
         if opens:
             conn.execute(insert(_OPEN), [_open_row(call) for call in opens])
-        if rows:
-            # Straight to the driver: SQLAlchemy's per-row parameter processing cost more than
-            # the rest of a commit (the writer shares the GIL with the event loop).
-            # One multi-row INSERT: one statement step, so the writer releases and retakes the
-            # GIL once per batch rather than once per row (each retake can wait on the loop).
-            values = [value for row in rows for value in self._row_values(row)]
-            conn.exec_driver_sql(self._insert_sql(len(rows)), tuple(values))
+        if appends:
+            # Straight to the driver, one multi-row INSERT: SQLAlchemy's per-row parameter
+            # processing cost more than the rest of a commit.
+            conn.exec_driver_sql(self._insert_sql(len(appends)), tuple(values))
         if closed:
             conn.execute(delete(_OPEN).where(_OPEN.c.call_id.in_(closed)))
         return seq, head
@@ -190,22 +186,33 @@ class ChainStore:
         rows = ", ".join([row] * num_rows)
         return f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES {rows}"
 
-    def _row_values(self, entry: AuditEntry) -> tuple[object, ...]:
-        """The entry's column values as the driver takes them (as SQLAlchemy would store
-        them: naive UTC times, JSON text)."""
+    def _row_values(
+        self, entry: AuditEntry, seq: int, prev_hash: str, hash_: str, hashed_time: str
+    ) -> list[object]:
+        """The chained entry's column values as the driver takes them (as SQLAlchemy would
+        store them: naive UTC times, JSON text)."""
         values: list[object] = []
         for name in _LOG_COLUMNS:
-            value = getattr(entry, name)
-            if name == "time":
-                naive = value.astimezone(UTC).replace(tzinfo=None)
-                # SQLite keeps text in SQLAlchemy's DATETIME format; PostgreSQL a timestamp.
-                value = naive.strftime(_SQLITE_TIME) if self._db.is_sqlite else naive
+            if name == "seq":
+                values.append(seq)
+            elif name == "prev_hash":
+                values.append(prev_hash)
+            elif name == "hash":
+                values.append(hash_)
+            elif name == "time":
+                # SQLite keeps text in SQLAlchemy's DATETIME format (from the hashed
+                # `2025-01-31T12:00:00.000000Z`); PostgreSQL a naive UTC timestamp.
+                if self._db.is_sqlite:
+                    values.append(f"{hashed_time[:10]} {hashed_time[11:26]}")
+                else:
+                    values.append(entry.time.astimezone(UTC).replace(tzinfo=None))
             elif name == "roles":
-                value = json.dumps(list(value))
-            elif name == "detail" and value is not None:
-                value = json.dumps(value)
-            values.append(value)
-        return tuple(values)
+                values.append(json.dumps(list(entry.roles)) if entry.roles else "[]")
+            elif name == "detail":
+                values.append(None if entry.detail is None else json.dumps(entry.detail))
+            else:
+                values.append(getattr(entry, name))
+        return values
 
     def _connection(self) -> Connection:
         if self._conn is None:
