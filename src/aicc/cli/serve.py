@@ -10,6 +10,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from aicc.api.app import create_app
+from aicc.api.drain import DrainingServer
 from aicc.api.models import ModelPool
 from aicc.config import Settings
 from aicc.errors import AiccError
@@ -35,7 +36,8 @@ def run_server(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.drain_timeout_s,
         **uvicorn_logging_options(),
     )
-    server = uvicorn.Server(config)
+    # The drain (SIGTERM) ends by itself; uvicorn's own grace applies to other shutdowns.
+    server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
     try:
         scheme = "https" if settings.tls_cert is not None else "http"
         # uvicorn's loop (uvloop when installed): socket writes and timers in C, not Python.
