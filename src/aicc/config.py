@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from aicc.errors import ConfigError
+from aicc.router.settings import DeploymentSettings, check_unique
 
 
 def default_model_dir() -> Path:
@@ -216,6 +217,19 @@ class Settings(BaseSettings):
     """Longest wait before restarting a crashed worker: 1 s after the first crash, doubling
     after each further one up to this; a worker that stayed up this long starts over at 1 s."""
 
+    # -- deployments (router) ----------------------------------------------------------------
+    deployments: list[DeploymentSettings] = Field(default_factory=list, max_length=256)
+    """Public model names served by weighted variants of local or remote replicas
+    (docs/deployments.md)."""
+
+    health_check_s: float = Field(default=2.0, gt=0, le=3600)
+    """How often remote replicas are checked (GET /readyz); an ejected one returns when a
+    check passes."""
+
+    replica_eject_s: float = Field(default=10.0, gt=0, le=3600)
+    """How long a replica that failed 3 requests or checks in a row is first taken out of
+    service (each further ejection doubles it, up to 5 minutes)."""
+
     # -- model store -------------------------------------------------------------------------
     hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://")
     """Hugging Face-compatible endpoint `aicc models pull` downloads from (a mirror, ModelScope)."""
@@ -360,6 +374,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"workers={self.workers} needs role gateway: an engine worker runs no workers"
             )
+        check_unique(self.deployments)
         if self.secret_key is not None and len(self.secret_key.get_secret_value()) < 32:
             raise ValueError("secret_key must be at least 32 characters")
         return self
@@ -422,6 +437,9 @@ def _describe(exc: ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         if error["type"] == "extra_forbidden":
             lines.append(f"unknown setting {name!r}")
+        elif "input" in error and isinstance(error["input"], dict | list) and error["loc"]:
+            # A whole section (a deployment): its values may hold secrets, name it only.
+            lines.append(f"invalid setting {name}: {error['msg']}")
         elif "input" in error and error["loc"]:
             lines.append(f"invalid setting {name}={error['input']}: {error['msg']}")
         else:

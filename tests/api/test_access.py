@@ -58,6 +58,10 @@ MATRIX: list[tuple[str, str, str]] = [
     ("GET", "/admin/audit", "audit:read"),
     ("GET", "/admin/audit/export", "audit:read"),
     ("POST", "/admin/audit/purge", "audit:purge"),
+    ("GET", "/admin/deployments", "config:read"),
+    ("POST", "/admin/deployments/no-such-model/promote", "deployments:write"),
+    ("POST", "/admin/deployments/no-such-model/rollback", "deployments:write"),
+    ("POST", "/admin/deployments/no-such-model/weights", "deployments:write"),
 ]
 # Enrolment has a side effect only on the caller itself; checked separately below.
 SIDE_EFFECT_ROUTES = {("POST", "/auth/totp/enroll")}

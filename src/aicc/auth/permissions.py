@@ -35,6 +35,10 @@ class Permission(StrEnum):
     """Purge audit entries older than the retention (itself audited)."""
     METRICS_READ = "metrics:read"
     """`GET /metrics` on the main port (unless `metrics_public`)."""
+    VARIANT_SELECT = "inference:variant"
+    """Pick a deployment's variant with the `X-AICC-Variant` header (testers)."""
+    DEPLOY = "deployments:write"
+    """Promote, roll back and re-weight deployments' variants."""
 
 
 ALL_PERMISSIONS = frozenset(Permission)
@@ -62,6 +66,8 @@ BUILTIN_ROLES: tuple[BuiltinRole, ...] = (
                 Permission.CONFIG_WRITE,
                 Permission.AUDIT_PURGE,
                 Permission.METRICS_READ,
+                Permission.VARIANT_SELECT,
+                Permission.DEPLOY,
             }
         ),
         ("*",),
@@ -144,7 +150,13 @@ def patterns_within(narrow: Iterable[str], wide: Iterable[str]) -> bool:
 
 
 FREELY_GRANTED = frozenset(
-    {Permission.INFERENCE, Permission.KEYS_SELF, Permission.AUDIT_READ, Permission.METRICS_READ}
+    {
+        Permission.INFERENCE,
+        Permission.KEYS_SELF,
+        Permission.AUDIT_READ,
+        Permission.METRICS_READ,
+        Permission.VARIANT_SELECT,  # only picks among variants an admin deployed
+    }
 )
 """Permissions any holder of `users:write` (or `roles:write`) may hand out. Every other one can
 only be granted by someone who holds it, so the `security` role cannot mint an administrator."""

@@ -122,3 +122,6 @@ from aicc.cli.eval import eval_group  # noqa: E402
 main.add_command(bench)
 main.add_command(doctor)
 main.add_command(eval_group)
+from aicc.cli.deploy import deploy  # noqa: E402
+
+main.add_command(deploy)

@@ -252,3 +252,17 @@ class ModelRow(Base):
     """The model this one was derived from (``name:tag``), e.g. by quantization."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DeploymentWeightRow(Base):
+    """A deployment variant's weight as last set by promote, rollback or a weight change; it
+    outlives a restart (the config's weights only apply to variants without a row)."""
+
+    __tablename__ = "deployment_weights"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    weight: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    """Who set it: a username, or `auto-rollback`."""

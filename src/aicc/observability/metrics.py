@@ -5,9 +5,10 @@ Engine, limiter, process and GPU state is read when Prometheus scrapes (`render`
 thread only appends one `StepSample` per step to a bounded buffer, drained here. Every loaded
 model's engine is bound under its served name (`bind_model`/`unbind_model`).
 
-Model metrics carry `model` and `variant` labels; `variant` is reserved for routing between
-model variants (always "" until then). A call's model label is its model only when that is a
-bound (served) model, so clients naming arbitrary models cannot grow the label set.
+Model metrics carry `model` and `variant` labels; `variant` is a deployment's variant that
+served the call ("" for models served directly, and for engine-step metrics). A call's model
+label is its model only when that is a bound (served) model or a deployment, so clients naming
+arbitrary models cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ class Metrics:
         self.limiter: RateLimiter | None = None
         self.gpu = gpu
         self._known_models: set[str] = set()
-        self._series: dict[str, _ModelSeries] = {}
-        self._call_children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._series: dict[tuple[str, str], _ModelSeries] = {}
+        self._call_children: dict[tuple[str, str, str, str, int], tuple[Counter, Histogram]] = {}
 
     def bind(self, engine: EngineClient | None, limiter: RateLimiter | None, model: str) -> None:
         """Read `limiter`, and `engine` as served model `model`, at each scrape from now on
@@ -172,6 +173,10 @@ class Metrics:
         if model:
             self._known_models.add(model)
 
+    def add_model_label(self, model: str) -> None:
+        """Count calls naming `model` under its name (a deployment's public name)."""
+        self._known_models.add(model)
+
     def unbind_model(self, model: str) -> None:
         """Stop reading the engine of `model` (unloaded); its last step samples are kept.
         Its name stays a known label: calls naming it after the unload still count under it."""
@@ -188,10 +193,11 @@ class Metrics:
     def observe_call(self, record: CallRecord, outcome: CallOutcome) -> None:
         """Count one finished HTTP call (runs on the event loop, once per call: kept cheap)."""
         model = record.model if record.model in self._known_models else ""
-        key = (model, outcome.route, outcome.method, outcome.status)
+        variant = _variant(record) if model else ""
+        key = (model, variant, outcome.route, outcome.method, outcome.status)
         children = self._call_children.get(key)
         if children is None:
-            labels = (model, "", outcome.route, outcome.method)
+            labels = (model, variant, outcome.route, outcome.method)
             children = (
                 self._requests.labels(*labels, str(outcome.status)),
                 self._duration.labels(*labels),
@@ -201,7 +207,7 @@ class Metrics:
         children[1].observe(outcome.latency_s)
         if outcome.status in (401, 403):
             self._auth_denied.labels(outcome.route, str(outcome.status)).inc()
-        series = self._model_series(model)
+        series = self._model_series(model, variant)
         if outcome.status == 429 and record.error_code in (None, RateLimitedError.code):
             series.rate_limited.inc()
         if record.num_prompt_tokens:
@@ -236,10 +242,10 @@ class Metrics:
             series.batch_size.observe(sample.batch_size)
             series.step_seconds.observe(sample.duration_s)
 
-    def _model_series(self, model: str) -> _ModelSeries:
-        series = self._series.get(model)
+    def _model_series(self, model: str, variant: str = "") -> _ModelSeries:
+        series = self._series.get((model, variant))
         if series is None:
-            labels = (model, "")
+            labels = (model, variant)
             series = _ModelSeries(
                 ttft=self._ttft.labels(*labels),
                 tpot=self._tpot.labels(*labels),
@@ -250,7 +256,7 @@ class Metrics:
                 batch_size=self._batch_size.labels(*labels),
                 step_seconds=self._step_seconds.labels(*labels),
             )
-            self._series[model] = series
+            self._series[(model, variant)] = series
         return series
 
 
@@ -279,6 +285,12 @@ class _ScrapeCollector:
             )
         if metrics.gpu is not None:
             yield from gpu_metric_families(metrics.gpu.read())
+
+
+def _variant(record: CallRecord) -> str:
+    """The deployment variant that served the call ("" when none did)."""
+    variant = record.detail.get("variant") if record.detail else None
+    return variant if isinstance(variant, str) else ""
 
 
 def _engine_metrics(engines: list[tuple[str, EngineClient]]) -> Iterator[Metric]:

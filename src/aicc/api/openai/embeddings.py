@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -19,7 +19,8 @@ from pydantic import (
 )
 
 from aicc.api.access import Caller
-from aicc.api.openai.routes import Serving, until_disconnected
+from aicc.api.models import LoadedModel
+from aicc.api.openai.routes import Routed, dispatch, until_disconnected
 from aicc.api.openai.serving import Metering, OpenAIServing, off_loop_if_large
 from aicc.errors import InvalidRequestError
 
@@ -145,16 +146,18 @@ def _base64(row: npt.NDArray[np.float32]) -> str:
 router = APIRouter()
 
 
-async def get_embedding_serving(serving: Serving) -> EmbeddingServing:
-    return EmbeddingServing(serving)
-
-
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", response_model=None)
 async def create_embeddings(
-    body: EmbeddingRequest,
-    serving: Annotated[EmbeddingServing, Depends(get_embedding_serving)],
-    caller: Caller,
-    request: Request,
-) -> JSONResponse:
-    # A client that goes away stops the work between groups of inputs.
-    return JSONResponse(await until_disconnected(request, serving.create(body, caller.metering)))
+    body: EmbeddingRequest, target: Routed, caller: Caller, request: Request
+) -> Response:
+    if target.is_remote:
+        return await dispatch(request, caller, target, "/v1/embeddings")
+
+    async def serve(model: LoadedModel) -> Response:
+        # A client that goes away stops the work between groups of inputs.
+        local = body.model_copy(update={"model": model.name})
+        work = EmbeddingServing(model.serving).create(local, caller.metering)
+        answer = await until_disconnected(request, work)
+        return JSONResponse({**answer, "model": target.public(answer["model"])})
+
+    return await target.respond(serve)

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from aicc.api.access import Caller, Reader
+from aicc.api.access import Caller, InferenceCaller, Reader
 from aicc.api.models import LoadedModel, ModelPool
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.serving import OpenAIServing
+from aicc.api.proxy import RoutedCall, forward, renamed
+from aicc.api.record import call_record
 from aicc.api.sse import EventStreamResponse
-from aicc.errors import EngineUnavailableError
+from aicc.errors import AiccError, EngineUnavailableError
+from aicc.router.service import NoReplicaError, Router
 
 router = APIRouter()
 T = TypeVar("T")
@@ -72,32 +76,125 @@ ReaderServing = Annotated[OpenAIServing, Depends(get_reader_serving)]
 Chat = Annotated[ChatServing, Depends(get_chat)]
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request is served: an in-process model, and the deployment call (if the model
+    names a deployment) whose replica is either that model or a remote server."""
+
+    model: LoadedModel | None
+    call: RoutedCall | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.model is None
+
+    def public(self, name: str) -> str:
+        """The model name to show the client (a deployment's, for a local replica)."""
+        return self.call.model if self.call is not None else name
+
+    def chunks(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        return chunks if self.call is None else renamed(chunks, self.call.model)
+
+    async def respond(self, work: Callable[[LoadedModel], Awaitable[Response]]) -> Response:
+        assert self.model is not None
+        if self.call is None:
+            return await work(self.model)
+        return await self.call.run_local(work(self.model))
+
+
+async def get_target(request: Request, caller: Caller) -> AsyncIterator[Target]:
+    """The pool's model for the request, or the deployment's variant and first replica (a
+    local replica's model leased like any other). Depends on the access check first."""
+    model_name = await requested_model(request)
+    deployments: Router | None = getattr(request.app.state, "router", None)
+    if deployments is None or not deployments.has(model_name):
+        async with leased_model(request) as model:
+            yield Target(model)
+        return
+    assert model_name is not None
+    variant = deployments.choose_variant(model_name, caller.principal, request.headers)
+    call = RoutedCall(deployments, model_name, variant, call_record(request))
+    try:
+        replica = call.pick()
+    except AiccError as exc:
+        if isinstance(exc, NoReplicaError):  # the variant fails its requests
+            deployments.observe_variant(model_name, variant.name, ok=False, latency_s=0.0)
+        yield Target(None, _Refused(call, exc))
+        return
+    if replica.local_model is None:
+        yield Target(None, call)
+        return
+    with deployments.acquire(replica):
+        async with model_pool(request).lease(replica.local_model) as model:
+            yield Target(model, call)
+
+
+class _Refused(RoutedCall):
+    """A deployment call no replica could take: answered with its (tagged) error."""
+
+    def __init__(self, call: RoutedCall, exc: AiccError) -> None:
+        super().__init__(call.router, call.model, call.variant, call.record)
+        self.refusal = exc
+
+
+async def dispatch(
+    request: Request, caller: InferenceCaller, target: Target, path: str
+) -> Response:
+    """A remote replica's (or a refused call's) response."""
+    assert target.call is not None
+    if isinstance(target.call, _Refused):
+        return target.call.error(target.call.refusal)
+    return await forward(request, caller, target.call, path)
+
+
+Routed = Annotated[Target, Depends(get_target)]
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, chat: Chat, caller: Caller, request: Request
+    body: ChatCompletionRequest, target: Routed, caller: Caller, request: Request
 ) -> Response:
-    prepared, plan = await chat.start(body, caller.cache_scope, caller.metering)
-    if body.stream:
-        return EventStreamResponse(chat.chunks(prepared, plan))
-    collected = await until_disconnected(request, chat.core.collect(prepared))
-    return JSONResponse(chat.response(prepared, plan, collected))
+    if target.is_remote:
+        return await dispatch(request, caller, target, "/v1/chat/completions")
+
+    async def serve(model: LoadedModel) -> Response:
+        chat, local = model.chat, body.model_copy(update={"model": model.name})
+        prepared, plan = await chat.start(local, caller.cache_scope, caller.metering)
+        if body.stream:
+            return EventStreamResponse(target.chunks(chat.chunks(prepared, plan)))
+        collected = await until_disconnected(request, chat.core.collect(prepared))
+        answer = chat.response(prepared, plan, collected)
+        return JSONResponse({**answer, "model": target.public(answer["model"])})
+
+    return await target.respond(serve)
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, serving: Serving, caller: Caller, request: Request
+    body: CompletionRequest, target: Routed, caller: Caller, request: Request
 ) -> Response:
-    prepared = await serving.start_completion(body, caller.cache_scope, caller.metering)
-    if body.stream:
-        return EventStreamResponse(serving.completion_chunks(prepared))
-    completion = await until_disconnected(request, serving.collect(prepared))
-    return JSONResponse(serving.completion_response(prepared, completion))
+    if target.is_remote:
+        return await dispatch(request, caller, target, "/v1/completions")
+
+    async def serve(model: LoadedModel) -> Response:
+        serving, local = model.serving, body.model_copy(update={"model": model.name})
+        prepared = await serving.start_completion(local, caller.cache_scope, caller.metering)
+        if body.stream:
+            return EventStreamResponse(target.chunks(serving.completion_chunks(prepared)))
+        completion = await until_disconnected(request, serving.collect(prepared))
+        answer = serving.completion_response(prepared, completion)
+        return JSONResponse({**answer, "model": target.public(answer["model"])})
+
+    return await target.respond(serve)
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, principal: Reader) -> dict[str, Any]:
     """The models this caller may use: the served ones and every registered one."""
     cards = model_pool(request).cards()
+    deployments: Router | None = getattr(request.app.state, "router", None)
+    if deployments is not None:
+        cards = [*cards, *deployments.cards()]
     allowed = [card for card in cards if principal.can_use_model(card["id"])]
     return {"object": "list", "data": allowed}
 
@@ -105,6 +202,9 @@ async def list_models(request: Request, principal: Reader) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request, _: Reader) -> dict[str, Any]:
     # `:path`: served names may contain "/" (e.g. "org/model"); the allow-list is checked.
+    deployments: Router | None = getattr(request.app.state, "router", None)
+    if deployments is not None and deployments.has(model_id):
+        return deployments.card(model_id)
     return model_pool(request).card(model_id)
 
 

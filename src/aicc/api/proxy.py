@@ -1,0 +1,277 @@
+"""A deployment's call: the variant header, the call record, and the remote replicas' proxy.
+
+A remote replica gets the body with `model` rewritten to its own name; a stream comes back
+event by event, unchanged, a whole answer with `model` rewritten to the public name. What the
+gateway measures on the way (tokens, token times, finish reason) fills the call record and the
+caller's quota, as for local calls. A request that reached no client byte yet is retried once
+on another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from aicc.api.access import InferenceCaller
+from aicc.api.errors import error_body, error_response
+from aicc.api.record import CallRecord
+from aicc.api.sse import DONE, encode_event
+from aicc.errors import AiccError
+from aicc.router.policy import ReplicaLease, VariantSpec
+from aicc.router.service import TENANT_HEADER, VARIANT_HEADER, Replica, RouteDecision, Router
+from aicc.router.upstream import UpstreamError, UpstreamResponse
+
+T = TypeVar("T")
+Json = dict[str, Any]
+
+
+class RoutedCall:
+    """One request to a deployment: its variant, the replica it is on, the replicas tried."""
+
+    def __init__(
+        self, router: Router, model: str, variant: VariantSpec, record: CallRecord | None
+    ) -> None:
+        self.router = router
+        self.model = model
+        self.variant = variant
+        self.record = record
+        self.replica: Replica | None = None
+        self.tried: list[str] = []
+
+    @property
+    def decision(self) -> RouteDecision:
+        assert self.replica is not None
+        return RouteDecision(self.model, self.variant.name, self.replica)
+
+    def pick(self) -> Replica:
+        """The next replica (never one tried). Raises `ReplicasBusyError`, `NoReplicaError`."""
+        replica = self.router.choose_replica(self.model, self.variant, exclude=self.tried)
+        self.replica = replica
+        self.tried.append(replica.id)
+        if self.record is not None:
+            detail = self.record.detail or {}
+            self.record.detail = {**detail, "variant": self.variant.name, "replica": replica.id}
+        return replica
+
+    def tag(self, response: Response) -> Response:
+        response.headers[VARIANT_HEADER] = self.variant.name
+        return response
+
+    def error(self, exc: AiccError) -> Response:
+        """The OpenAI-style error response, with `Retry-After` where it has one."""
+        if self.record is not None:
+            self.record.error_code = exc.code or exc.error_type
+            if self.record.detail is None:
+                self.record.detail = {"variant": self.variant.name}
+        response = error_response(exc)
+        retry_after = getattr(exc, "retry_after_s", None)
+        if isinstance(retry_after, int):
+            response.headers["Retry-After"] = str(retry_after)
+        return self.tag(response)
+
+    async def run_local(self, work: Awaitable[Response]) -> Response:
+        """A local replica's response, tagged; its errors answered here so they are too."""
+        started = time.perf_counter()
+        try:
+            response = await work
+        except AiccError as exc:
+            self.router.record(self.decision, ok=exc.status_code < 500, latency_s=0.0)
+            return self.error(exc)
+        self.router.record(self.decision, ok=True, latency_s=time.perf_counter() - started)
+        return self.tag(response)
+
+
+async def renamed(chunks: AsyncIterator[Json], model: str) -> AsyncGenerator[Json]:
+    """Chunks of a local replica under the deployment's public name."""
+    try:
+        async for chunk in chunks:
+            if "model" in chunk:
+                chunk["model"] = model
+            yield chunk
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def forward(
+    request: Request, caller: InferenceCaller, call: RoutedCall, path: str
+) -> Response:
+    """Send the call to its remote replica (once more to another one while nothing reached
+    the client) and answer the client. Errors become tagged error responses."""
+    body: Json = await request.json()
+    error: UpstreamError | None = None
+    for attempt in range(2):
+        if attempt:
+            try:
+                call.pick()
+            except AiccError:
+                break
+        replica = call.replica
+        if replica is None or replica.client is None:
+            break  # a local replica cannot take a retry here
+        lease = call.router.acquire(replica)
+        exchange = _Exchange(call, caller, lease)
+        try:
+            return await _until_disconnected(request, exchange.send(replica, path, body))
+        except UpstreamError as exc:
+            exchange.finish(ok=False, replica_failed=True)
+            if not exc.retryable:
+                return call.error(exc)
+            error = exc
+        except BaseException:
+            exchange.finish(ok=False, replica_failed=False)
+            raise
+    assert error is not None
+    return call.error(error)
+
+
+class _Exchange:
+    """One attempt on one replica: fills the record once it ends, exactly once."""
+
+    def __init__(self, call: RoutedCall, caller: InferenceCaller, lease: ReplicaLease) -> None:
+        self.call = call
+        self.caller = caller
+        self.lease = lease
+        self.started = time.perf_counter()
+        self.answer: UpstreamResponse | None = None
+        self._is_finished = False
+
+    async def send(self, replica: Replica, path: str, body: Json) -> Response:
+        assert replica.client is not None
+        headers = {}
+        if self.caller.record is not None:
+            headers["x-request-id"] = self.caller.record.request_id
+        if replica.sets_tenant:  # ours, never the client's
+            headers[TENANT_HEADER] = self.caller.principal.tenant
+        payload = {**body, "model": replica.upstream_model}
+        answer = self.answer = await replica.client.open(path, payload, headers=headers)
+        if not answer.is_stream:
+            data = await answer.json()
+            if answer.status >= 400:  # the client's mistake, passed on as it is
+                self.finish(ok=True, replica_failed=False, observe=False)
+                passed = {k: v for k, v in answer.headers.items() if k != "content-type"}
+                return self.call.tag(JSONResponse(data, answer.status, headers=passed))
+            if "model" in data:
+                data["model"] = self.call.model
+            self.finish(ok=True, replica_failed=False)
+            return self.call.tag(JSONResponse(data))
+        chunks = answer.chunks()
+        first = await anext(chunks)  # UpstreamError here: nothing sent, may retry
+        return self.call.tag(PassthroughResponse(self._relay(first, chunks)))
+
+    async def _relay(
+        self, first: bytes, chunks: AsyncGenerator[bytes]
+    ) -> AsyncGenerator[tuple[bytes, bool]]:
+        """(event, is_last) pairs; a failure mid-stream ends in an error event and [DONE]."""
+        ok = failed = False
+        answer = self.answer
+        assert answer is not None
+        try:
+            yield first, answer.facts.is_done
+            async for event in chunks:
+                yield event, answer.facts.is_done
+            ok = True
+        except UpstreamError as exc:
+            failed = True
+            if self.call.record is not None:
+                self.call.record.error_code = exc.code
+            yield encode_event(error_body(exc.message, exc.error_type, code=exc.code)), False
+            yield DONE, True
+        finally:
+            await chunks.aclose()
+            self.finish(ok=ok, replica_failed=failed)
+
+    def finish(self, *, ok: bool, replica_failed: bool, observe: bool = True) -> None:
+        if self._is_finished:
+            return
+        self._is_finished = True
+        self.lease.release()
+        latency_s = time.perf_counter() - self.started
+        router = self.call.router
+        if observe:
+            router.record(
+                self.call.decision, ok=ok, latency_s=latency_s, replica_failed=replica_failed
+            )
+        answer = self.answer
+        if answer is not None:
+            _meter(answer, self.caller)
+
+
+def _meter(answer: UpstreamResponse, caller: InferenceCaller) -> None:
+    """What the upstream reported, into the record and the caller's quota."""
+    facts = answer.facts
+    prompt, completion = facts.num_prompt_tokens, facts.num_completion_tokens
+    if prompt is not None or completion is not None:
+        caller.usage.record(prompt or 0, completion or 0)
+    record = caller.record
+    if record is None:
+        return
+    record.num_prompt_tokens = prompt
+    record.num_completion_tokens = completion
+    record.first_token_at = facts.first_token_at
+    record.last_token_at = facts.last_token_at
+    record.finish_reason = facts.finish_reason
+    if facts.error_code is not None:
+        record.error_code = facts.error_code
+
+
+class PassthroughResponse(StreamingResponse):
+    """An upstream's event stream, passed on. Its last event goes out as the final body
+    message (the audit commit runs before the client sees the end); the iterator is always
+    closed, which closes the upstream stream at once when the client goes away."""
+
+    def __init__(self, events: AsyncGenerator[tuple[bytes, bool]]) -> None:
+        self._events = events
+        super().__init__(
+            _bodies(events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})  # fmt: skip
+        async for event, is_last in self._events:
+            if is_last:
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
+async def _bodies(events: AsyncGenerator[tuple[bytes, bool]]) -> AsyncGenerator[bytes]:
+    # Unused by `stream_response`; StreamingResponse wants a body iterator.
+    async for event, _ in events:
+        yield event
+
+
+async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first."""
+    task: asyncio.Task[T] = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
