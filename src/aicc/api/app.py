@@ -12,8 +12,10 @@ from fastapi.responses import JSONResponse
 from aicc import __version__
 from aicc.api import health, tokenize
 from aicc.api import metrics as metrics_routes
-from aicc.api.admin import account, audit, keys, roles, users
+from aicc.api.admin import account, audit, deployments, keys, roles, users
 from aicc.api.admin import config as config_routes
+from aicc.api.deadline import DeadlineMiddleware
+from aicc.api.drain import DrainMiddleware, DrainState
 from aicc.api.errors import error_response, install_error_handlers
 from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from aicc.api.models import ModelsBusyError
@@ -21,10 +23,17 @@ from aicc.api.observe import RecordingMiddleware
 from aicc.api.openai import embeddings
 from aicc.api.openai import routes as openai_routes
 from aicc.api.record import call_record
-from aicc.api.state import APP_STATE_NAMES, open_state, running_model, running_state
+from aicc.api.state import (
+    APP_STATE_NAMES,
+    open_state,
+    running_model,
+    running_state,
+    running_worker_models,
+)
 from aicc.config import Settings
 from aicc.observability.logging import log_call
 from aicc.observability.metrics import Metrics
+from aicc.router.service import running_router
 from aicc.store.local import LocalModel
 
 __all__ = ["create_app", "open_state"]
@@ -50,7 +59,11 @@ def create_app(
                 from aicc.observability.metrics_server import serving_metrics
 
                 await stack.enter_async_context(serving_metrics(metrics, settings))
-            await stack.enter_async_context(running_model(app, settings, model))
+            if settings.workers:  # the model runs in engine worker processes instead
+                await stack.enter_async_context(running_worker_models(app, settings))
+            else:
+                await stack.enter_async_context(running_model(app, settings, model))
+            await stack.enter_async_context(running_router(app, settings))
             # Start-up made millions of long-lived objects (the vocabulary's pieces, routes,
             # settings): keep them out of every future full collection, whose pauses would
             # otherwise stall all requests (tens of ms each, often).
@@ -72,13 +85,14 @@ def create_app(
         setattr(app.state, name, None)
     app.state.metrics = Metrics() if settings.metrics_enabled else None
     app.state.log_call = log_call
+    app.state.drain = DrainState(retry_after_s=settings.retry_after_s)
     install_error_handlers(app)
     app.add_exception_handler(ModelsBusyError, _on_models_busy)  # type: ignore[arg-type]
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(embeddings.router)
     app.include_router(tokenize.router)
-    for module in (account, users, keys, roles, config_routes, audit):
+    for module in (account, users, keys, roles, config_routes, audit, deployments):
         app.include_router(module.router)
     if settings.metrics_enabled:
         public = settings.metrics_public
@@ -88,6 +102,8 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
     )
+    app.add_middleware(DeadlineMiddleware, request_timeout_s=settings.request_timeout_s)
+    app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.add_middleware(RecordingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -16,7 +16,18 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The model is loaded and the engine loop is alive; otherwise 503."""
+    """The model is loaded and the engine loop is alive, and the server is not draining;
+    otherwise 503."""
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.is_draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    workers = getattr(request.app.state, "workers", None)
+    if workers is not None:  # engine workers: ready while one of them is
+        num_ready = workers.num_ready
+        if num_ready == 0:
+            detail = "no engine worker is ready (restarting)"
+            return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503)
+        return JSONResponse({"status": "ready", "workers_ready": num_ready})
     engine = getattr(request.app.state, "engine", None)
     if engine is None:
         return JSONResponse({"status": "starting"}, status_code=503)

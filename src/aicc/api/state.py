@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 
@@ -24,8 +25,9 @@ from aicc.config import Settings
 from aicc.db import Database
 from aicc.engine.grammar import GrammarCompiler
 from aicc.engine.registry import create_engine
-from aicc.errors import AiccError, ModelLoadError
+from aicc.errors import AiccError, ModelLoadError, ModelNotFoundError
 from aicc.quota import RateLimiter
+from aicc.router.workers import running_workers
 from aicc.store.crypto import ENCRYPTED_SUFFIX, ModelDecryptionError, plaintext_paths
 from aicc.store.local import LocalModel, resolve_model
 from aicc.store.model_keys import find_model_key
@@ -159,6 +161,63 @@ async def running_model(
         await pool.close()
         compiler.close()
         await default.engine.shutdown()
+
+
+class WorkerModels:
+    """`app.state.pool` with engine workers (`workers` > 0): no model is loaded in-process.
+    The configured model is the router's `workers` deployment; any other name is not found."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def default(self) -> WorkerModels:
+        """For code that reads `pool.default.name` (the served model's name)."""
+        return self
+
+    @asynccontextmanager
+    async def lease(self, name: str | None) -> AsyncIterator[NoReturn]:
+        """Raises ModelNotFoundError: the routes that reach the workers never lease."""
+        if name is None or name == self.name:
+            message = (
+                f"The model {self.name!r} runs in engine workers, which this route does not "
+                "reach; use /v1/chat/completions, /v1/completions or /v1/embeddings"
+            )
+        else:
+            message = (
+                f"The model {name!r} is not served here: with engine workers this server "
+                f"serves only {self.name!r} (GET /v1/models)"
+            )
+        raise ModelNotFoundError(message, param="model")
+        yield  # pragma: no cover (a generator for asynccontextmanager)
+
+    def cards(self) -> list[dict[str, Any]]:
+        """None: the router lists the workers' model."""
+        return []
+
+    def card(self, name: str) -> dict[str, Any]:
+        raise ModelNotFoundError(
+            f"The model {name!r} does not exist; GET /v1/models lists the models served here",
+            param="model",
+        )
+
+
+@asynccontextmanager
+async def running_worker_models(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """The engine workers (`running_workers`) instead of an in-process model; the router
+    serves their model (`Router.serve_workers`)."""
+    async with running_workers(app, settings):
+        supervisor = app.state.workers
+        name = settings.served_model_name or supervisor.model_spec.name
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.bind(None, app.state.limiter, name)
+        logger.info("serving %s from %d engine workers", name, settings.workers)
+        app.state.pool = WorkerModels(name)
+        try:
+            yield
+        finally:
+            app.state.pool = None
 
 
 async def load_model(
