@@ -1,0 +1,207 @@
+"""What routing through an aicc gateway costs, against calling the upstream directly.
+
+Starts an upstream aicc on the bundled model and a gateway whose deployment `bench` has one
+variant with that upstream as its only replica (a remote replica: every request is proxied,
+streamed through, metered and audited by the gateway). The same streamed chat load (aicc's own
+load generator, `aicc.loadgen`) runs against the upstream directly and through the gateway,
+in alternating rounds. Prints a table and exits 1 when a target is missed: added median
+end-to-end latency ≤ 3 ms, and throughput through the gateway ≥ 0.9 × direct.
+
+    python bench/gateway_overhead.py [--rounds 3] [--requests 48] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from aicc.loadgen.datasets import random_prompts
+from aicc.loadgen.runner import Load, Target, run_load
+from aicc.loadgen.stats import summarize
+from aicc.store.local import ensure_bundled
+
+MAX_ADDED_MS = 3.0
+MIN_RATIO = 0.9
+UPSTREAM_KEY = "aicc-sk-" + secrets.token_urlsafe(32)
+GATEWAY_KEY = "aicc-sk-" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    index: int
+    path: str
+    """"direct" or "gateway"."""
+    median_e2e_ms: float
+    requests_per_s: float
+    num_failed: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def aicc_server(
+    name: str, workdir: Path, key: str, model: Path, env: dict[str, str], config: str = ""
+) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config_file = workdir / f"{name}.yaml"
+    config_file.write_text(config)
+    command = [sys.executable, "-m", "aicc", "serve", "--model-path", str(model)]
+    command += ["--port", str(port), "--config", str(config_file)]
+    environment = {
+        **os.environ,
+        **env,
+        "AICC_ADMIN_KEY": key,
+        "AICC_STATE_DIR": str(workdir / f"state-{name}"),
+        "AICC_LOG_LEVEL": "warning",
+    }
+    log = workdir / f"{name}.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=environment
+        )
+        try:
+            _wait_until_ready(process, url, key, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_ready(process: subprocess.Popen[bytes], url: str, key: str, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"aicc exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            response = httpx.get(f"{url}/readyz", timeout=2)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"aicc did not become ready:\n{log.read_text()[-3000:]}")
+
+
+def measure(
+    url: str, key: str, model: str, args: argparse.Namespace, seed: int
+) -> tuple[float, float, int]:
+    """(median E2E ms, requests/s, failures) of one round."""
+    target = Target(
+        base_url=url, model=model, api_key=key, output_len=args.output_len, ignore_eos=True
+    )
+    prompts = random_prompts(args.requests, args.input_len, seed)
+    run = asyncio.run(run_load(target, prompts, Load(concurrency=args.concurrency, seed=seed)))
+    summary = summarize(run)
+    ok = [r for r in run.requests if r.is_ok]
+    median_ms = statistics.median(r.e2e_s for r in ok) * 1000 if ok else float("inf")
+    return median_ms, summary.request_throughput, len(run.requests) - len(ok)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=48, help="requests per round")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="aicc-bench-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        model = ensure_bundled(workdir / "models")
+        print(f"starting an upstream and a gateway on {model.name} ...")
+        upstream = stack.enter_context(
+            aicc_server("upstream", workdir, UPSTREAM_KEY, model.path, {})
+        )
+        gateway_config = (
+            "deployments:\n"
+            "  - model: bench\n"
+            "    variants:\n"
+            "      - name: v1\n"
+            "        weight: 1\n"
+            "        replicas:\n"
+            f"          - url: {upstream}\n"
+            f"            model: {model.name}\n"
+            "            api_key_env: BENCH_UPSTREAM_KEY\n"
+        )
+        gateway = stack.enter_context(
+            aicc_server(
+                "gateway",
+                workdir,
+                GATEWAY_KEY,
+                model.path,
+                {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY},
+                gateway_config,
+            )
+        )
+        paths = {
+            "direct": (upstream, UPSTREAM_KEY, model.name),
+            "gateway": (gateway, GATEWAY_KEY, "bench"),
+        }
+        for url, key, name in paths.values():  # warm-up: connections, caches
+            measure(url, key, name, argparse.Namespace(**{**vars(args), "requests": 8}), seed=0)
+        rounds: list[Round] = []
+        for index in range(1, args.rounds + 1):
+            order = ("direct", "gateway") if index % 2 else ("gateway", "direct")
+            for path in order:
+                # The same prompts for both paths in a round; new ones each round.
+                median_ms, rate, failed = measure(*paths[path], args, seed=index)
+                rounds.append(Round(index, path, median_ms, rate, failed))
+    print_table(rounds)
+    return report(rounds)
+
+
+def print_table(rounds: list[Round]) -> None:
+    print(f"\n{'round':>5}  {'path':<8}  {'median e2e ms':>13}  {'req/s':>7}  {'failed':>6}")
+    for r in rounds:
+        print(
+            f"{r.index:>5}  {r.path:<8}  {r.median_e2e_ms:>13.1f}  {r.requests_per_s:>7.2f}  "
+            f"{r.num_failed:>6}"
+        )
+
+
+def report(rounds: list[Round]) -> int:
+    def median_of(path: str, pick: str) -> float:
+        return statistics.median(getattr(r, pick) for r in rounds if r.path == path)
+
+    added_ms = median_of("gateway", "median_e2e_ms") - median_of("direct", "median_e2e_ms")
+    ratio = median_of("gateway", "requests_per_s") / median_of("direct", "requests_per_s")
+    failed = sum(r.num_failed for r in rounds)
+    checks = [
+        (
+            f"added median latency {added_ms:.1f} ms <= {MAX_ADDED_MS:.0f} ms",
+            added_ms <= MAX_ADDED_MS,
+        ),
+        (f"throughput ratio {ratio:.3f} >= {MIN_RATIO}", ratio >= MIN_RATIO),
+        (f"failed requests {failed} == 0", failed == 0),
+    ]
+    print()
+    for text, is_met in checks:
+        print(f"  [{'ok' if is_met else 'MISSED'}] {text}")
+    return 0 if all(is_met for _, is_met in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
