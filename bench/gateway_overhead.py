@@ -7,7 +7,7 @@ load generator, `aicc.loadgen`) runs against the upstream directly and through t
 in alternating rounds. Prints a table and exits 1 when a target is missed: added median
 end-to-end latency ≤ 3 ms, and throughput through the gateway ≥ 0.9 × direct.
 
-    python bench/gateway_overhead.py [--rounds 3] [--requests 48] [--concurrency 4]
+    python bench/gateway_overhead.py [--rounds 5] [--requests 64] [--concurrency 4]
 """
 
 from __future__ import annotations
@@ -122,18 +122,23 @@ def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=48, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=64, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aicc-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         model = ensure_bundled(workdir / "models")
         print(f"starting an upstream and a gateway on {model.name} ...")
+        # No prefix cache upstream: the second path of a round would reuse the first's prompts.
+        # One llama.cpp thread: on a 2-core machine the other core is the gateway's and the
+        # load generator's (llama.cpp's threads spin at barriers: any other busy process on
+        # their cores stalls every step, which would measure contention, not the gateway).
+        upstream_env = {"AICC_PREFIX_CACHE": "false", "AICC_THREADS": "1"}
         upstream = stack.enter_context(
-            aicc_server("upstream", workdir, UPSTREAM_KEY, model.path, {})
+            aicc_server("upstream", workdir, UPSTREAM_KEY, model.path, upstream_env)
         )
         gateway_config = (
             "deployments:\n"
@@ -152,7 +157,7 @@ def main() -> int:
                 workdir,
                 GATEWAY_KEY,
                 model.path,
-                {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY},
+                {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, "AICC_THREADS": "1"},
                 gateway_config,
             )
         )
