@@ -9,10 +9,9 @@ on another replica.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -20,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from aicc.api.access import InferenceCaller
+from aicc.api.disconnect import until_disconnected
 from aicc.api.errors import error_body, error_response
 from aicc.api.record import CallRecord
 from aicc.api.sse import DONE, encode_event
@@ -28,7 +28,6 @@ from aicc.router.policy import ReplicaLease, VariantSpec
 from aicc.router.service import TENANT_HEADER, VARIANT_HEADER, Replica, RouteDecision, Router
 from aicc.router.upstream import UpstreamError, UpstreamResponse
 
-T = TypeVar("T")
 Json = dict[str, Any]
 
 
@@ -120,7 +119,7 @@ async def forward(
         lease = call.router.acquire(replica)
         exchange = _Exchange(call, caller, lease)
         try:
-            return await _until_disconnected(request, exchange.send(replica, path, body))
+            return await until_disconnected(request, exchange.send(replica, path, body))
         except UpstreamError as exc:
             exchange.finish(ok=False, replica_failed=True)
             if not exc.retryable:
@@ -257,21 +256,3 @@ async def _bodies(events: AsyncGenerator[tuple[bytes, bool]]) -> AsyncGenerator[
     # Unused by `stream_response`; StreamingResponse wants a body iterator.
     async for event, _ in events:
         yield event
-
-
-async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first."""
-    task: asyncio.Task[T] = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

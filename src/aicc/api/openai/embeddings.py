@@ -19,8 +19,9 @@ from pydantic import (
 )
 
 from aicc.api.access import Caller
+from aicc.api.disconnect import until_disconnected
 from aicc.api.models import LoadedModel
-from aicc.api.openai.routes import Routed, dispatch, until_disconnected
+from aicc.api.openai.routes import Routed, dispatch
 from aicc.api.openai.serving import Metering, OpenAIServing, off_loop_if_large
 from aicc.errors import InvalidRequestError
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from aicc.api.access import Caller, InferenceCaller, Reader
+from aicc.api.disconnect import until_disconnected
 from aicc.api.models import LoadedModel, ModelPool
 from aicc.api.openai.chat import ChatServing
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -24,7 +24,6 @@ from aicc.errors import AiccError, EngineUnavailableError
 from aicc.router.service import NoReplicaError, Router
 
 router = APIRouter()
-T = TypeVar("T")
 
 
 def model_pool(request: Request) -> ModelPool:
@@ -206,21 +205,3 @@ async def retrieve_model(model_id: str, request: Request, _: Reader) -> dict[str
     if deployments is not None and deployments.has(model_id):
         return deployments.card(model_id)
     return model_pool(request).card(model_id)
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting its generation) if the client goes away."""
-    task: asyncio.Task[T] = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
