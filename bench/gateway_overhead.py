@@ -4,8 +4,10 @@ Starts an upstream aicc on the bundled model and a gateway whose deployment `ben
 variant with that upstream as its only replica (a remote replica: every request is proxied,
 streamed through, metered and audited by the gateway). The same streamed chat load (aicc's own
 load generator, `aicc.loadgen`) runs against the upstream directly and through the gateway,
-in alternating rounds. Prints a table and exits 1 when a target is missed: added median
-end-to-end latency ≤ 3 ms, and throughput through the gateway ≥ 0.9 × direct.
+in alternating rounds: a latency phase (one request at a time, one output token: what the
+gateway adds to a request) and a throughput phase (`--concurrency`). Prints a table and
+exits 1 when a target is missed: added median latency ≤ 3 ms, and throughput through the
+gateway ≥ 0.9 × direct.
 
     python bench/gateway_overhead.py [--rounds 5] [--requests 64] [--concurrency 4]
 """
@@ -45,6 +47,8 @@ class Round:
     index: int
     path: str
     """"direct" or "gateway"."""
+    latency_ms: float
+    """Median end-to-end time of one request alone, one output token."""
     median_e2e_ms: float
     requests_per_s: float
     num_failed: int
@@ -172,17 +176,27 @@ def main() -> int:
             order = ("direct", "gateway") if index % 2 else ("gateway", "direct")
             for path in order:
                 # The same prompts for both paths in a round; new ones each round.
+                alone = argparse.Namespace(
+                    **{**vars(args), "concurrency": 1, "output_len": 1, "requests": 16}
+                )
+                latency_ms, _, failed_alone = measure(*paths[path], alone, seed=100 + index)
                 median_ms, rate, failed = measure(*paths[path], args, seed=index)
-                rounds.append(Round(index, path, median_ms, rate, failed))
+                rounds.append(
+                    Round(index, path, latency_ms, median_ms, rate, failed + failed_alone)
+                )
     print_table(rounds)
     return report(rounds)
 
 
 def print_table(rounds: list[Round]) -> None:
-    print(f"\n{'round':>5}  {'path':<8}  {'median e2e ms':>13}  {'req/s':>7}  {'failed':>6}")
+    print(
+        f"\n{'round':>5}  {'path':<8}  {'alone ms':>8}  {'median e2e ms':>13}  {'req/s':>7}  "
+        f"{'failed':>6}"
+    )
     for r in rounds:
         print(
-            f"{r.index:>5}  {r.path:<8}  {r.median_e2e_ms:>13.1f}  {r.requests_per_s:>7.2f}  "
+            f"{r.index:>5}  {r.path:<8}  {r.latency_ms:>8.1f}  {r.median_e2e_ms:>13.1f}  "
+            f"{r.requests_per_s:>7.2f}  "
             f"{r.num_failed:>6}"
         )
 
@@ -191,7 +205,7 @@ def report(rounds: list[Round]) -> int:
     def median_of(path: str, pick: str) -> float:
         return statistics.median(getattr(r, pick) for r in rounds if r.path == path)
 
-    added_ms = median_of("gateway", "median_e2e_ms") - median_of("direct", "median_e2e_ms")
+    added_ms = median_of("gateway", "latency_ms") - median_of("direct", "latency_ms")
     ratio = median_of("gateway", "requests_per_s") / median_of("direct", "requests_per_s")
     failed = sum(r.num_failed for r in rounds)
     checks = [
