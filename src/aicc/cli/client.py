@@ -182,7 +182,7 @@ def _unauthenticated_advice(message: str, source: TokenSource, server: str) -> s
 
 
 def _transport_advice(conn: Connection, exc: httpx.TransportError) -> str:
-    reason = _ssl_reason(exc)
+    reason = ssl_reason(exc)
     if reason is not None:
         if "CERTIFICATE_VERIFY_FAILED" in reason:
             return (
@@ -214,7 +214,7 @@ def _transport_advice(conn: Connection, exc: httpx.TransportError) -> str:
     return f"lost the connection to {conn.server}: {exc}"
 
 
-def _ssl_reason(exc: BaseException) -> str | None:
+def ssl_reason(exc: BaseException) -> str | None:
     """The OpenSSL reason behind a transport error, following the exception chain."""
     seen: BaseException | None = exc
     while seen is not None:

@@ -21,6 +21,7 @@ from aicc.store.catalog import CATALOG, DEFAULT_QUANT, GIB, total_memory_bytes
 from aicc.store.download import PullProgress
 from aicc.store.local import list_models
 from aicc.store.registry import ModelRecord, ModelRegistry
+from aicc.units import human_size
 
 config_option = click.option(
     "--config", "config_file", type=click.Path(path_type=Path), help="YAML settings file."
@@ -42,7 +43,7 @@ def models_list(config_file: Path | None, as_json: bool) -> None:
         records = registry.list() if registry is not None else []
         rows = []
         for model in list_models(settings.model_dir):
-            size = _human_size(model.size_bytes) if model.size_bytes is not None else "-"
+            size = human_size(model.size_bytes) if model.size_bytes is not None else "-"
             if model.is_bundled:
                 source = "bundled" if model.is_present else "bundled (assembled on first serve)"
             else:
@@ -53,7 +54,7 @@ def models_list(config_file: Path | None, as_json: bool) -> None:
             rows.append(
                 (
                     record.ref,
-                    _human_size(record.size_bytes),
+                    human_size(record.size_bytes),
                     record.quantization or "-",
                     source,
                     str(record.directory(settings.model_dir)),
@@ -97,7 +98,7 @@ def echo_record(record: ModelRecord, paths: list[Path]) -> None:
         [
             ("name", record.ref),
             ("source", record.source),
-            ("size", _human_size(record.size_bytes)),
+            ("size", human_size(record.size_bytes)),
             ("architecture", record.architecture),
             ("parameters", f"{params / 1e9:.2f} B" if params else None),
             ("quantization", record.quantization),
@@ -151,7 +152,7 @@ def models_pull(
                 plan = plan_pull(hub, spec, quant=quant)
                 click.echo(
                     f"pulling {plan.source} ({len(plan.files)} file(s), "
-                    f"{_human_size(plan.size_bytes)})",
+                    f"{human_size(plan.size_bytes)})",
                     err=True,
                 )
                 bar = ProgressLine()
@@ -164,7 +165,7 @@ def models_pull(
             raise CliError("interrupted; run the same pull again to resume") from None
         except AiccError as exc:
             raise CliError(exc.message) from None
-    click.echo(f"pulled {record.ref} ({_human_size(record.size_bytes)})")
+    click.echo(f"pulled {record.ref} ({human_size(record.size_bytes)})")
 
 
 @models.command("import")
@@ -180,7 +181,7 @@ def models_import(path: Path, ref: str, move: bool, config_file: Path | None) ->
         assert registry is not None
         key = _encryption_key(settings)
         record = _call(import_model, registry, path, ref, move=move, encrypt_key=key)
-    click.echo(f"imported {record.ref} ({_human_size(record.size_bytes)})")
+    click.echo(f"imported {record.ref} ({human_size(record.size_bytes)})")
 
 
 @models.command("catalog")
@@ -251,13 +252,13 @@ class ProgressLine:
 
 def format_progress(progress: PullProgress) -> str:
     if progress.is_verifying:
-        return f"{progress.file}: {_human_size(progress.total_bytes)} downloaded, verifying"
+        return f"{progress.file}: {human_size(progress.total_bytes)} downloaded, verifying"
     percent = 100 * progress.done_bytes / progress.total_bytes if progress.total_bytes else 100
     eta = progress.eta_s
     eta_text = "--:--" if eta is None else f"{int(eta) // 60:d}:{int(eta) % 60:02d}"
     return (
-        f"{progress.file}: {percent:5.1f}%  {_human_size(progress.done_bytes)} / "
-        f"{_human_size(progress.total_bytes)}  {_human_size(int(progress.bytes_per_s))}/s  "
+        f"{progress.file}: {percent:5.1f}%  {human_size(progress.done_bytes)} / "
+        f"{human_size(progress.total_bytes)}  {human_size(int(progress.bytes_per_s))}/s  "
         f"ETA {eta_text}"
     )
 
@@ -307,12 +308,3 @@ def _call(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return function(*args, **kwargs)
     except AiccError as exc:
         raise CliError(exc.message) from None
-
-
-def _human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from aicc.cli.client import ssl_reason
 from aicc.config import Settings
 from aicc.doctor.checks import CheckResult, failed, passed, skipped, warned
 from aicc.doctor.symptoms import MetricSnapshot, Scrapes, symptom_checks
@@ -183,7 +184,7 @@ def _send(
 
 
 def _transport_advice(target: ServerTarget, exc: httpx.TransportError) -> tuple[str, str]:
-    reason = _ssl_reason(exc)
+    reason = ssl_reason(exc)
     if reason is not None:
         if "CERTIFICATE_VERIFY_FAILED" in reason:
             return (
@@ -199,15 +200,6 @@ def _transport_advice(target: ServerTarget, exc: httpx.TransportError) -> tuple[
             "start the server (`aicc serve`), or fix the URL, port or firewall",
         )
     return f"lost the connection to {target.url}: {exc}", "read the server log"
-
-
-def _ssl_reason(exc: BaseException) -> str | None:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return str(seen.reason or seen)
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def _api_failure(name: str, response: httpx.Response) -> CheckResult:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from aicc.eval.perplexity import PerplexityResult, perplexity
 from aicc.store.gguf_check import InvalidModelFileError, check_gguf
+from aicc.store.registry import quantization_name
+from aicc.units import human_size
 
 HEADERS = ("MODEL", "QUANT", "SIZE", "PPL", "CHANGE")
 
@@ -70,27 +72,10 @@ def table_rows(scores: list[ModelScore]) -> list[tuple[str, ...]]:
 
 def read_quantization(path: Path) -> str | None:
     """The GGUF's `general.file_type` as a name (`Q4_K_M`); None if absent or unreadable."""
-    import gguf
 
     try:
         with path.open("rb") as file:
             header = check_gguf(file, os.fstat(file.fileno()).st_size, name=path.name)
     except (OSError, InvalidModelFileError):
         return None
-    file_type = header.metadata.get("general.file_type")
-    if type(file_type) is not int:
-        return None
-    try:
-        name = gguf.LlamaFileType(file_type).name
-    except ValueError:
-        return None
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
-def human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+    return quantization_name(header.metadata.get("general.file_type"))

@@ -239,7 +239,7 @@ def read_metadata(files: list[Path]) -> ModelMetadata:
     return ModelMetadata(
         architecture=architecture,
         parameter_count=parameter_count,
-        quantization=_quantization(meta.get("general.file_type")),
+        quantization=quantization_name(meta.get("general.file_type")),
         context_length=context_length,
         chat_template=_text(meta.get("tokenizer.chat_template")),
     )
@@ -263,7 +263,8 @@ def _integer(value: object) -> int | None:
     return value if type(value) is int else None
 
 
-def _quantization(file_type: object) -> str | None:
+def quantization_name(file_type: object) -> str | None:
+    """The llama.cpp name of a GGUF `general.file_type` (`Q4_K_M`), None if unknown."""
     import gguf
 
     if type(file_type) is not int:
