@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -36,7 +36,31 @@ from aicc.observability.metrics import Metrics
 from aicc.router.service import running_router
 from aicc.store.local import LocalModel
 
-__all__ = ["create_app", "open_state"]
+__all__ = ["bare_app", "create_app", "open_state"]
+
+
+def bare_app(
+    settings: Settings, title: str, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
+) -> FastAPI:
+    """The FastAPI app with the state every route and middleware reads (unset until the
+    lifespan fills it) and the OpenAI-style error handlers; no routes yet."""
+    # No /docs or /openapi.json: every route is authenticated or listed public, and these
+    # would be neither. `aicc` serves OpenAI's documented API.
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    for name in APP_STATE_NAMES:
+        setattr(app.state, name, None)
+    app.state.metrics = Metrics() if settings.metrics_enabled else None
+    app.state.log_call = log_call
+    install_error_handlers(app)
+    return app
 
 
 def create_app(
@@ -70,23 +94,8 @@ def create_app(
             gc.freeze()
             yield
 
-    # No /docs or /openapi.json: every route is authenticated or listed public, and these
-    # would be neither. `aicc` serves OpenAI's documented API.
-    app = FastAPI(
-        title="aicc",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.state.settings = settings
-    for name in APP_STATE_NAMES:
-        setattr(app.state, name, None)
-    app.state.metrics = Metrics() if settings.metrics_enabled else None
-    app.state.log_call = log_call
+    app = bare_app(settings, "aicc", lifespan)
     app.state.drain = DrainState(retry_after_s=settings.retry_after_s)
-    install_error_handlers(app)
     app.add_exception_handler(ModelsBusyError, _on_models_busy)  # type: ignore[arg-type]
     app.include_router(health.router)
     app.include_router(openai_routes.router)

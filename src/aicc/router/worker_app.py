@@ -16,23 +16,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from aicc import __version__
 from aicc.api import health, tokenize
 from aicc.api import metrics as metrics_routes
-from aicc.api.errors import install_error_handlers
+from aicc.api.app import bare_app
 from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from aicc.api.observe import RecordingMiddleware
 from aicc.api.openai import embeddings
 from aicc.api.openai import routes as openai_routes
 from aicc.api.record import call_record
-from aicc.api.state import APP_STATE_NAMES, running_model
+from aicc.api.state import running_model
 from aicc.auth.deps import current_principal, presented_credential
 from aicc.auth.permissions import Permission
 from aicc.auth.principal import Limits, Principal
 from aicc.config import Settings
 from aicc.errors import AuthenticationError, InvalidRequestError
-from aicc.observability.logging import log_call
-from aicc.observability.metrics import Metrics
 from aicc.quota import RateLimiter
 from aicc.store.local import LocalModel
 
@@ -62,23 +59,10 @@ def create_worker_app(settings: Settings, model: LocalModel | None, token: str) 
             gc.freeze()  # as the gateway does: keep start-up's objects out of collections
             yield
 
-    app = FastAPI(
-        title="aicc engine worker",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.state.settings = settings
-    for name in APP_STATE_NAMES:
-        setattr(app.state, name, None)
+    app = bare_app(settings, "aicc engine worker", lifespan)
     # Unlimited principals only: the limiter just counts streams (metrics), in memory.
     app.state.limiter = RateLimiter(None)
-    app.state.metrics = Metrics() if settings.metrics_enabled else None
-    app.state.log_call = log_call
     app.dependency_overrides[current_principal] = token_principal(token)
-    install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(embeddings.router)
