@@ -113,6 +113,12 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
+async def requested_model(request: Request) -> str | None:
+    """The `model` a request names (path parameter or JSON body; None if none). FastAPI has
+    parsed the body already: `Request.json` returns that parse."""
+    return _requested_model(request, await _json_body(request))
+
+
 def _requested_model(request: Request, body: dict[str, Any] | None) -> str | None:
     """The `model` a request names: its path parameter, or its JSON body's field."""
     model = request.path_params.get("model_id")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from aicc.api.access import Caller, InferenceCaller, Reader
+from aicc.api.access import Caller, InferenceCaller, Reader, requested_model
 from aicc.api.disconnect import until_disconnected
 from aicc.api.models import LoadedModel, ModelPool
 from aicc.api.openai.chat import ChatServing
@@ -31,19 +30,6 @@ def model_pool(request: Request) -> ModelPool:
     if pool is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
     return pool
-
-
-async def requested_model(request: Request) -> str | None:
-    """The `model` a POST body names (None: none, or a body the route's validation refuses).
-    FastAPI has parsed the body already; `Request.json` returns that parse."""
-    if request.method != "POST":
-        return None
-    try:
-        body: Any = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    model = body.get("model") if isinstance(body, dict) else None
-    return model if isinstance(model, str) else None
 
 
 @asynccontextmanager
