@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from aicc.db import Database
 from aicc.db.models import ModelRow, utcnow
@@ -79,9 +80,7 @@ class ModelRegistry:
     def find(self, ref: str) -> ModelRecord | None:
         name, tag = parse_ref(ref)
         with self.database.session() as session:
-            row = session.scalars(
-                select(ModelRow).where(ModelRow.name == name, ModelRow.tag == tag)
-            ).one_or_none()
+            row = _row(session, name, tag)
             return None if row is None else _record(row)
 
     def get(self, ref: str) -> ModelRecord:
@@ -171,9 +170,7 @@ class ModelRegistry:
         unless given. Raises ModelNotFoundError, InvalidRequestError."""
         name, tag = parse_ref(ref)
         with self.database.session() as session:
-            row = session.scalars(
-                select(ModelRow).where(ModelRow.name == name, ModelRow.tag == tag)
-            ).one_or_none()
+            row = _row(session, name, tag)
             if row is None:
                 raise ModelNotFoundError(f"model {ref!r} is not registered")
             expected = len(sha256) if sha256 is not None else len(row.files)
@@ -193,9 +190,7 @@ class ModelRegistry:
         """Delete the row, then the model's directory. Raises ModelNotFoundError."""
         name, tag = parse_ref(ref)
         with self.database.session() as session:
-            row = session.scalars(
-                select(ModelRow).where(ModelRow.name == name, ModelRow.tag == tag)
-            ).one_or_none()
+            row = _row(session, name, tag)
             if row is None:
                 raise ModelNotFoundError(f"model {ref!r} is not registered")
             record = _record(row)
@@ -274,6 +269,12 @@ def quantization_name(file_type: object) -> str | None:
     except ValueError:
         return None
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _row(session: Session, name: str, tag: str) -> ModelRow | None:
+    return session.scalars(
+        select(ModelRow).where(ModelRow.name == name, ModelRow.tag == tag)
+    ).one_or_none()
 
 
 def _record(row: ModelRow) -> ModelRecord:
