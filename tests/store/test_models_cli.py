@@ -99,3 +99,20 @@ def test_pull_of_an_unknown_alias_says_what_to_do(env: dict[str, str], tmp_path:
     assert result.exit_code == 1
     assert "aicc models catalog" in result.output
     shutil.rmtree(tmp_path / "models", ignore_errors=True)
+
+
+def test_pull_progress_shows_size_speed_and_eta() -> None:
+    from aicc.cli.models import format_progress
+    from aicc.store.download import PullProgress
+
+    # 512 MiB of 1 GiB, 256 MiB of them resumed from disk, 256 MiB fetched in 4 s: 64 MiB/s,
+    # so the other 512 MiB take 8 s.
+    mib = 1024 * 1024
+    line = format_progress(PullProgress("m.gguf", 512 * mib, 1024 * mib, 256 * mib, 4.0))
+    assert "m.gguf" in line
+    assert "50.0%" in line
+    assert "512.0 MiB / 1.0 GiB" in line
+    assert "64.0 MiB/s" in line
+    assert "ETA 0:08" in line
+    verifying = PullProgress("m.gguf", 1024 * mib, 1024 * mib, 0, 10.0, is_verifying=True)
+    assert "verifying" in format_progress(verifying)
