@@ -283,21 +283,40 @@ def test_both_workers_killed_readiness_fails_until_one_is_back(gateway: Gateway)
         assert client.post("/v1/chat/completions", json=chat_body()).is_success
 
 
-@pytest.mark.parametrize(
-    ("name", "replica", "message"),
-    [
-        (BUNDLED_MODEL_NAME, {"url": "http://127.0.0.1:9"}, "the name of the model the engine"),
-        ("chat", {"local": "other"}, "loads no model in-process"),
-    ],
-)
-def test_deployments_that_workers_mode_cannot_serve_stop_start_up(
-    gateway: Gateway, name: str, replica: dict[str, str], message: str
-) -> None:
-    variant = {"name": "a", "weight": 1, "replicas": [replica]}
-    deployment = DeploymentSettings.model_validate({"model": name, "variants": [variant]})
+def test_a_replica_of_another_local_model_stops_start_up(gateway: Gateway) -> None:
+    variant = {"name": "a", "weight": 1, "replicas": [{"local": "other"}]}
+    deployment = DeploymentSettings.model_validate({"model": "chat", "variants": [variant]})
     router = Router.from_settings(
         [deployment], health_check_s=1.0, eject_s=1.0, retry_after_s=1, database=None
     )
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match="loads no model in-process"):
         router.serve_workers(BUNDLED_MODEL_NAME, gateway.supervisor)
+    asyncio.run(router.close())
+
+
+def test_the_workers_model_as_a_local_replica_stands_for_every_worker(gateway: Gateway) -> None:
+    local = {"local": BUNDLED_MODEL_NAME}
+    remote = {"url": "http://127.0.0.1:9", "model": "m"}
+    deployment = DeploymentSettings.model_validate(
+        {
+            "model": "chat",
+            "variants": [
+                {"name": "local", "weight": 3, "replicas": [local, remote]},
+                {"name": "remote", "weight": 1, "replicas": [remote]},
+            ],
+            "fallback": [remote, local],
+        }
+    )
+    router = Router.from_settings(
+        [deployment], health_check_s=1.0, eject_s=1.0, retry_after_s=1, database=None
+    )
+    unsubscribe = router.serve_workers(BUNDLED_MODEL_NAME, gateway.supervisor)
+    workers = [r.id for r in gateway.supervisor.replicas()]
+    spec = router.deployments["chat"].spec
+    assert spec.variants[0].replicas == (*workers, "http://127.0.0.1:9#m")
+    assert spec.variants[1].replicas == ("http://127.0.0.1:9#m",)
+    assert router.deployments["chat"].fallback == ("http://127.0.0.1:9#m", *workers)
+    assert f"local:{BUNDLED_MODEL_NAME}" not in router.replicas
+    assert router.deployments[BUNDLED_MODEL_NAME].spec.variants[0].replicas == tuple(workers)
+    unsubscribe()
     asyncio.run(router.close())

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,27 +288,29 @@ class Router:
 
     # -- engine workers --------------------------------------------------------------------
     def serve_workers(self, model: str, supervisor: WorkerSupervisor) -> Callable[[], None]:
-        """Serve `model` by the supervisor's workers: a deployment with one variant,
-        `workers`. A worker leaves service as soon as it exits and returns, its ejections
-        forgotten, once it is ready again. Returns the function that stops following them.
+        """Serve `model` by the supervisor's workers. A configured deployment's `local`
+        replica naming `model` stands for all the workers, so workers, remote replicas and
+        fallbacks mix in one deployment; without a deployment named `model` one is made with
+        one variant, `workers`. A worker leaves service as soon as it exits and returns, its
+        ejections forgotten, once it is ready again. Returns the function that stops
+        following them.
 
-        Raises `ConfigError` when a configured deployment has the name, or has an in-process
-        replica (workers mode loads no model in the gateway).
+        Raises `ConfigError` for an in-process replica of another model (workers mode loads
+        no model in the gateway).
         """
-        if model in self.deployments:
+        local_id = f"local:{model}"
+        other = sorted(
+            rid for rid, r in self.replicas.items() if r.local_model is not None and rid != local_id
+        )
+        if other:
             raise ConfigError(
-                f"deployment {model!r} has the name of the model the engine workers serve; "
-                "rename the deployment or set served_model_name"
-            )
-        local = sorted(rid for rid, r in self.replicas.items() if r.local_model is not None)
-        if local:
-            raise ConfigError(
-                f"replica {local[0]!r}: with workers > 0 the gateway loads no model "
-                "in-process; use a url replica or workers: 0"
+                f"replica {other[0]!r}: with workers > 0 the gateway loads no model "
+                f"in-process; name the workers' model ({local_id!r}), use a url replica, "
+                "or set workers: 0"
             )
         settings = supervisor.settings
         max_inflight = settings.max_batch_size + settings.max_queue
-        ids = []
+        ids: list[str] = []
         for worker in supervisor.replicas():
             client = RemoteClient(supervisor.upstream(worker.id))
             self.replicas[worker.id] = Replica(
@@ -316,8 +319,13 @@ class Router:
             self._supervised.add(worker.id)
             self.set_in_service(worker.id, worker.is_ready)
             ids.append(worker.id)
-        spec = DeploymentSpec(model, (VariantSpec(WORKERS_VARIANT, 1.0, tuple(ids)),))
-        self.deployments[model] = Deployment(spec, (), None, None)
+        self.replicas.pop(local_id, None)
+        for deployment in self.deployments.values():
+            deployment.spec = _expanded(deployment.spec, local_id, ids)
+            deployment.fallback = _expand_ids(deployment.fallback, local_id, ids)
+        if model not in self.deployments:
+            spec = DeploymentSpec(model, (VariantSpec(WORKERS_VARIANT, 1.0, tuple(ids)),))
+            self.deployments[model] = Deployment(spec, (), None, None)
 
         def on_change(worker: WorkerReplica) -> None:
             if worker.id in self._supervised:
@@ -470,6 +478,26 @@ class Router:
                 else None
             ),
         }
+
+
+def _expand_ids(ids: tuple[str, ...], old: str, new: Iterable[str]) -> tuple[str, ...]:
+    """`ids` with `old` replaced by `new` (in its place, without duplicates)."""
+    if old not in ids:
+        return ids
+    result: list[str] = []
+    for rid in ids:
+        for item in new if rid == old else (rid,):
+            if item not in result:
+                result.append(item)
+    return tuple(result)
+
+
+def _expanded(spec: DeploymentSpec, old: str, new: Sequence[str]) -> DeploymentSpec:
+    variants = tuple(
+        dataclasses.replace(variant, replicas=_expand_ids(variant.replicas, old, new))
+        for variant in spec.variants
+    )
+    return dataclasses.replace(spec, variants=variants)
 
 
 def _replica(rid: str, public_model: str, settings: ReplicaSettings) -> Replica:
