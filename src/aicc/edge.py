@@ -7,8 +7,10 @@ runs from the moment the connection waits for a request (accepted, or the first 
 kept-alive pause) until its headers are complete, and the header section's size is counted.
 Either bound exceeded → a JSON error (408 or 431, when no response is in progress) and the
 connection is closed; no ASGI task is started, so no route, queue place or engine slot is
-ever held. With TLS, the protocol runs over the decrypted stream once the handshake is done
-(the event loop bounds the handshake itself: 60 s).
+ever held. Beyond uvicorn's `limit_concurrency` (our `max_connections`) a request gets an
+OpenAI-style 503 with `Retry-After` here, in place of uvicorn's plain-text one.
+With TLS, the protocol runs over the decrypted stream once the handshake is done (the event
+loop bounds the handshake itself: 60 s).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class HeaderLimits:
     """Longest from waiting for a request to its complete headers."""
     max_bytes: int = 32 * 1024
     """Largest header section (request line and headers)."""
+    retry_after_s: int = 1
+    """`Retry-After` of the 503 answered beyond the connection limit."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -109,6 +113,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._is_refused:
             return
         self._stop_waiting_for_headers()
+        if self._is_over_capacity():
+            logger.warning("%s: over the connection limit of %s; 503", self._peer(),
+                           self.limit_concurrency)  # fmt: skip
+            self._refuse(
+                503,
+                f"The server is at its limit of {self.limit_concurrency} connections; retry "
+                f"after {self.limits.retry_after_s} s.",
+                "server_overloaded",
+                error_type="server_error",
+                headers=[(b"retry-after", str(self.limits.retry_after_s).encode())],
+            )
+            return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -121,6 +137,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     # -- the guards ----------------------------------------------------------------------------
+    def _is_over_capacity(self) -> bool:
+        """uvicorn's own test for its 503 (connections or request tasks at the limit)."""
+        limit = self.limit_concurrency
+        return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+
     def _is_between_requests(self) -> bool:
         """The last request was read whole and answered: new bytes begin the next one. (After
         an early answer, such as a 413, the rest of that body is still read as body.)"""
@@ -162,7 +183,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         message = f"The request headers were not complete within {timeout_s:g} s."
         self._refuse(408, message, "request_timeout")
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def _refuse(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        error_type: str = "invalid_request_error",
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         """Answer `status` with OpenAI-style error JSON (unless a response is already being
         written on this connection) and close the connection."""
         self._is_refused = True
@@ -170,11 +199,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
-            body = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+            body = json.dumps(error_body(message, error_type, code=code)).encode()
             head = [STATUS_LINE[status]]
-            head += [
-                name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
-            ]
+            extra = [*self.server_state.default_headers, *(headers or [])]
+            head += [name + b": " + value + b"\r\n" for name, value in extra]
             head += [
                 b"content-type: application/json\r\n",
                 b"content-length: %d\r\n" % len(body),

@@ -108,13 +108,17 @@ def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Confi
     `kwargs` are passed to uvicorn.Config and override these options. Raises ConfigError as
     `server_ssl_context` does — here, before any socket is bound.
     """
-    limits = HeaderLimits(timeout_s=settings.header_timeout_s, max_bytes=settings.max_header_bytes)
+    limits = HeaderLimits(
+        timeout_s=settings.header_timeout_s,
+        max_bytes=settings.max_header_bytes,
+        retry_after_s=settings.retry_after_s,
+    )
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "http": guarded_protocol(limits),
-        # Beyond it uvicorn answers 503 (slow connections count until their header timeout).
+        # Beyond it a 503 with Retry-After (slow connections count until their header timeout).
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_s,
         # Bounds headers if `http="h11"` is passed instead of our protocol.

@@ -295,7 +295,12 @@ def test_connections_beyond_the_limit_get_503_until_idle_ones_are_cut(edge: Edge
         while edge.num_connections < MAX_CONNECTIONS and time.monotonic() < deadline:
             time.sleep(0.01)
         with httpx.Client(base_url=f"http://127.0.0.1:{edge.port}", timeout=10) as client:
-            assert client.get("/healthz").status_code == 503
+            refused = client.get("/healthz")
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["connection"] == "close"
+            assert refused.json()["error"]["code"] == "server_overloaded"
+            assert refused.json()["error"]["type"] == "server_error"
         time.sleep(HEADER_TIMEOUT_S + 0.3)
         with httpx.Client(base_url=f"http://127.0.0.1:{edge.port}", timeout=10) as client:
             assert client.get("/healthz").status_code == 200
