@@ -229,6 +229,7 @@ def test_stream_through_the_gateway_is_metered(setup: Setup) -> None:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["model"] for chunk in chunks} == {"split"}  # the public name, not upstream's
     usage = chunks[-1]["usage"]
     assert usage["completion_tokens"] >= 1
     # The gateway observes a call once its last byte is sent: just after the client has it.

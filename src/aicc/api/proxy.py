@@ -1,7 +1,7 @@
 """A deployment's call: the variant header, the call record, and the remote replicas' proxy.
 
-A remote replica gets the body with `model` rewritten to its own name; a stream comes back
-event by event, unchanged, a whole answer with `model` rewritten to the public name. What the
+A remote replica gets the body with `model` rewritten to its own name; its answer comes back
+under the public name (a stream event by event, otherwise unchanged). What the
 gateway measures on the way (tokens, token times, finish reason) fills the call record and the
 caller's quota, as for local calls. A request that reached no client byte yet is retried once
 on another replica.
@@ -9,8 +9,10 @@ on another replica.
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -164,19 +166,20 @@ class _Exchange:
             return self.call.tag(JSONResponse(data))
         chunks = answer.chunks()
         first = await anext(chunks)  # UpstreamError here: nothing sent, may retry
-        return self.call.tag(PassthroughResponse(self._relay(first, chunks)))
+        rename = model_renamer(replica.upstream_model, self.call.model)
+        return self.call.tag(PassthroughResponse(self._relay(first, chunks, rename)))
 
     async def _relay(
-        self, first: bytes, chunks: AsyncGenerator[bytes]
+        self, first: bytes, chunks: AsyncGenerator[bytes], rename: Callable[[bytes], bytes]
     ) -> AsyncGenerator[tuple[bytes, bool]]:
         """(event, is_last) pairs; a failure mid-stream ends in an error event and [DONE]."""
         ok = failed = False
         answer = self.answer
         assert answer is not None
         try:
-            yield first, answer.facts.is_done
+            yield rename(first), answer.facts.is_done
             async for event in chunks:
-                yield event, answer.facts.is_done
+                yield rename(event), answer.facts.is_done
             ok = True
         except UpstreamError as exc:
             failed = True
@@ -202,6 +205,25 @@ class _Exchange:
         answer = self.answer
         if answer is not None:
             _meter(answer, self.caller)
+
+
+def model_renamer(upstream: str, public: str) -> Callable[[bytes], bytes]:
+    """What puts an event of `upstream`'s stream under the `public` name: its first
+    `"model": "<upstream>"` member (the only one an OpenAI chunk has) is rewritten; the rest
+    of the event's bytes pass unchanged."""
+    if upstream == public:
+        return _unchanged
+    name = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(upstream).encode()))
+    replacement = json.dumps(public).encode()
+
+    def rename(event: bytes) -> bytes:
+        return name.sub(lambda match: match.group(1) + replacement, event, count=1)
+
+    return rename
+
+
+def _unchanged(event: bytes) -> bytes:
+    return event
 
 
 def _meter(answer: UpstreamResponse, caller: InferenceCaller) -> None:
