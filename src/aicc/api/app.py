@@ -95,7 +95,6 @@ def create_app(
             yield
 
     app = bare_app(settings, "aicc", lifespan)
-    app.state.drain = DrainState(retry_after_s=settings.retry_after_s)
     app.add_exception_handler(ModelsBusyError, _on_models_busy)  # type: ignore[arg-type]
     app.include_router(health.router)
     app.include_router(openai_routes.router)
@@ -106,6 +105,15 @@ def create_app(
     if settings.metrics_enabled:
         public = settings.metrics_public
         app.include_router(metrics_routes.public_router if public else metrics_routes.router)
+    add_request_middlewares(app, settings)
+    return app
+
+
+def add_request_middlewares(app: FastAPI, settings: Settings) -> None:
+    """What every aicc server runs around its routes (the gateway and the engine worker),
+    outermost first: request id, call recording, drain, deadline, body size and time limits.
+    Sets `app.state.drain` for the `DrainingServer` and readiness."""
+    app.state.drain = DrainState(retry_after_s=settings.retry_after_s)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -115,7 +123,6 @@ def create_app(
     app.add_middleware(DrainMiddleware, state=app.state.drain)
     app.add_middleware(RecordingMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    return app
 
 
 async def _on_models_busy(request: Request, exc: ModelsBusyError) -> JSONResponse:

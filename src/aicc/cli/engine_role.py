@@ -19,6 +19,7 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 
+from aicc.api.drain import DrainingServer
 from aicc.config import Settings
 from aicc.errors import AiccError, ConfigError
 from aicc.observability.logging import configure_logging, uvicorn_logging_options
@@ -107,7 +108,7 @@ def _serve(
         timeout_graceful_shutdown=settings.drain_timeout_s,
         **uvicorn_logging_options(),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.drain, settings.drain_timeout_s)
     if parent_fd is not None:
         watcher = threading.Thread(
             target=_stop_at_eof, args=(parent_fd, server), name="aicc-parent-watch", daemon=True

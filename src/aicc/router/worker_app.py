@@ -2,8 +2,9 @@
 health and engine metrics of one model, for a gateway on the same machine.
 
 No users, audit or quotas of its own (the gateway authenticates, audits and meters): every
-route but the probes takes one internal bearer token. The routes are the gateway's own; only
-the credential check is replaced (a FastAPI dependency override), so both serve the same API.
+route but the probes takes one internal bearer token. The routes and request middlewares
+(drain on SIGTERM, deadlines, body size and time limits) are the gateway's own; only the
+credential check is replaced (a FastAPI dependency override), so both serve the same API.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from fastapi import FastAPI, Request
 
 from aicc.api import health, tokenize
 from aicc.api import metrics as metrics_routes
-from aicc.api.app import bare_app
-from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
-from aicc.api.observe import RecordingMiddleware
+from aicc.api.app import add_request_middlewares, bare_app
 from aicc.api.openai import embeddings
 from aicc.api.openai import routes as openai_routes
 from aicc.api.record import call_record
@@ -69,9 +68,7 @@ def create_worker_app(settings: Settings, model: LocalModel | None, token: str) 
     app.include_router(tokenize.router)
     if settings.metrics_enabled:
         app.include_router(metrics_routes.router)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RecordingMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    add_request_middlewares(app, settings)
     return app
 
 
