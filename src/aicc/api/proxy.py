@@ -31,6 +31,8 @@ from aicc.router.service import TENANT_HEADER, VARIANT_HEADER, Replica, RouteDec
 from aicc.router.upstream import UpstreamError, UpstreamResponse
 
 Json = dict[str, Any]
+MAX_TRIES = 2
+"""Replicas one call may try: a request that reached no client byte is retried once."""
 
 
 class RoutedCall:
@@ -77,13 +79,29 @@ class RoutedCall:
             response.headers["Retry-After"] = str(retry_after)
         return self.tag(response)
 
-    async def run_local(self, work: Awaitable[Response]) -> Response:
-        """A local replica's response, tagged; its errors answered here so they are too."""
+    async def run_local(
+        self, work: Awaitable[Response], retry: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """A local replica's response, tagged; its errors answered here so they are too.
+
+        An engine that is down (503) or full (429) before answering is the replica's fault:
+        a down one counts toward its ejection, and the call is retried once through
+        `retry` on another replica — a remote one (the variant's, else the fallback)."""
         started = time.perf_counter()
         try:
             response = await work
         except AiccError as exc:
-            self.router.record(self.decision, ok=exc.status_code < 500, latency_s=0.0)
+            is_down = exc.status_code == 503
+            self.router.record(
+                self.decision, ok=exc.status_code < 500, latency_s=0.0, replica_failed=is_down
+            )
+            if exc.status_code in (429, 503) and len(self.tried) == 1:
+                try:
+                    replica = self.pick()
+                except AiccError:
+                    return self.error(exc)
+                if replica.client is not None:
+                    return await retry()
             return self.error(exc)
         self.router.record(self.decision, ok=True, latency_s=time.perf_counter() - started)
         return self.tag(response)
@@ -111,6 +129,8 @@ async def forward(
     error: UpstreamError | None = None
     for attempt in range(2):
         if attempt:
+            if len(call.tried) >= MAX_TRIES:
+                break
             try:
                 call.pick()
             except AiccError:

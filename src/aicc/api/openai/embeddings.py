@@ -161,4 +161,4 @@ async def create_embeddings(
         answer = await until_disconnected(request, work)
         return JSONResponse({**answer, "model": target.public(answer["model"])})
 
-    return await target.respond(serve)
+    return await target.respond(serve, request, caller, "/v1/embeddings")

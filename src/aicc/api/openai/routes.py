@@ -80,11 +80,20 @@ class Target:
     def chunks(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         return chunks if self.call is None else renamed(chunks, self.call.model)
 
-    async def respond(self, work: Callable[[LoadedModel], Awaitable[Response]]) -> Response:
+    async def respond(
+        self,
+        work: Callable[[LoadedModel], Awaitable[Response]],
+        request: Request,
+        caller: InferenceCaller,
+        path: str,
+    ) -> Response:
+        """The local model's response; a deployment's call that its local replica cannot
+        take (down or full) is retried on a remote replica."""
         assert self.model is not None
-        if self.call is None:
+        call = self.call
+        if call is None:
             return await work(self.model)
-        return await self.call.run_local(work(self.model))
+        return await call.run_local(work(self.model), lambda: forward(request, caller, call, path))
 
 
 async def get_target(request: Request, caller: Caller) -> AsyncIterator[Target]:
@@ -151,7 +160,7 @@ async def create_chat_completion(
         answer = chat.response(prepared, plan, collected)
         return JSONResponse({**answer, "model": target.public(answer["model"])})
 
-    return await target.respond(serve)
+    return await target.respond(serve, request, caller, "/v1/chat/completions")
 
 
 @router.post("/v1/completions", response_model=None)
@@ -170,7 +179,7 @@ async def create_completion(
         answer = serving.completion_response(prepared, completion)
         return JSONResponse({**answer, "model": target.public(answer["model"])})
 
-    return await target.respond(serve)
+    return await target.respond(serve, request, caller, "/v1/completions")
 
 
 @router.get("/v1/models")
