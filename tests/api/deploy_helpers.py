@@ -85,3 +85,20 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write(data)
             await writer.drain()
     writer.close()
+
+
+def gated_stream(events: list[bytes], gate: threading.Event) -> Respond:
+    """An SSE answer that sends its first event, waits for `gate` (set by the test's thread),
+    then sends the rest and ends: a stream that stays open as long as a test needs."""
+
+    async def respond(path: str, writer: asyncio.StreamWriter, stop: asyncio.Event) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        for index, event in enumerate(events):
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            while index == 0 and not gate.is_set() and not stop.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # `gate` is set from another thread: polled
+        writer.write(b"0\r\n\r\n")
+
+    return respond

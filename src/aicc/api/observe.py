@@ -24,8 +24,15 @@ UNAUDITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes: machines polling every few seconds, not API calls."""
 
 _SECRET_FIELDS = frozenset(
-    {"password", "old_password", "new_password", "totp_code", "code", "key", "token"}
-)
+    {
+        "password", "old_password", "new_password", "totp_code", "code", "key", "token",
+        "api_key", "admin_key", "secret_key", "bind_password",
+    }
+)  # fmt: skip
+"""Masked wherever they appear in an audited request (nested objects and lists too)."""
+_MASK = "***"
+_MAX_MASK_DEPTH = 32
+"""Deeper values are masked whole: the audit detail never holds what was not inspected."""
 _CLIENT_GONE = 499
 
 
@@ -126,10 +133,23 @@ def change_detail(scope: Scope, body: bytes) -> dict[str, Any] | None:
         return None
     try:
         parsed = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict):
         return None
     if path == "/auth/login":  # who tried to log in; never the password or code
         return {"username": str(parsed.get("username", ""))[:256]}
-    return {"request": {k: ("***" if k in _SECRET_FIELDS else v) for k, v in parsed.items()}}
+    return {"request": _masked(parsed, 0)}
+
+
+def _masked(value: Any, depth: int) -> Any:
+    """`value` with every secret field's value replaced by `_MASK`, at any depth."""
+    if isinstance(value, dict | list) and depth >= _MAX_MASK_DEPTH:
+        return _MASK
+    if isinstance(value, dict):
+        return {
+            k: (_MASK if k in _SECRET_FIELDS else _masked(v, depth + 1)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_masked(item, depth + 1) for item in value]
+    return value

@@ -1,19 +1,23 @@
-"""`aicc deploy ...`: deployments' variants, weights and replica health (over the admin API)."""
+"""`aicc deploy ...`: deployments' variants, weights and replica health; deployments created,
+replaced and removed at run time (over the admin API)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import click
 
 from aicc.cli.client import ApiClient, CliError, Connection, connection_options
+from aicc.cli.deploy_apply import read_deployments
 from aicc.cli.identity import json_option
 from aicc.cli.output import echo_json, echo_table
 
 
-def _path(model: str, action: str) -> str:
-    return f"/admin/deployments/{quote(model, safe='')}/{action}"
+def _path(model: str, action: str = "") -> str:
+    path = f"/admin/deployments/{quote(model, safe='')}"
+    return f"{path}/{action}" if action else path
 
 
 def _echo_weights(answer: dict[str, Any]) -> None:
@@ -87,3 +91,32 @@ def deploy_weights(conn: Connection, model: str, weights: tuple[str, ...]) -> No
             raise CliError(f"weights are NAME=NUMBER, like v1=90; got {item!r}")
     with ApiClient.open(conn) as client:
         _echo_weights(client.post(_path(model, "weights"), {"weights": parsed}))
+
+
+@deploy.command("apply")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@connection_options
+def deploy_apply(conn: Connection, file: Path) -> None:
+    """Create or replace the deployments in FILE (YAML or JSON: one, or a list).
+
+    A replica's key comes from `api_key_env: NAME`, read from this shell's environment and
+    stored encrypted by the server. Deployments of the server's config file stay read-only.
+    """
+    deployments = read_deployments(file)
+    with ApiClient.open(conn) as client:
+        for deployment in deployments:
+            model = deployment["model"]
+            body = {k: v for k, v in deployment.items() if k != "model"}
+            answer = client.request("PUT", _path(model), body=body)
+            weights = ", ".join(f"{v['name']}={v['weight']:g}" for v in answer["variants"])
+            click.echo(f"{model}: applied ({weights})")
+
+
+@deploy.command("rm")
+@click.argument("model")
+@connection_options
+def deploy_rm(conn: Connection, model: str) -> None:
+    """Remove deployment MODEL (one made through the API); requests on it finish first."""
+    with ApiClient.open(conn) as client:
+        client.delete(_path(model))
+    click.echo(f"{model}: removed")

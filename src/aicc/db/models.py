@@ -266,3 +266,20 @@ class DeploymentWeightRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(256))
     """Who set it: a username, or `auto-rollback`."""
+
+
+class DeploymentRow(Base):
+    """A deployment made through the admin API (config-file deployments are not stored).
+
+    `settings` is the validated `DeploymentSettings` as JSON, each literal upstream key
+    replaced by its ciphertext (`api_key_encrypted`, see `router/keys.py`); its variant
+    weights are the current ones (promote, rollback and weight changes update them)."""
+
+    __tablename__ = "deployments"
+
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(256))

@@ -1,32 +1,29 @@
 """The gateway's router: deployments by public model name, their replicas, health and weights.
 
-Built from the settings at start (`app.state.router`). Specs are swapped whole on a weight
-change, so a request sees one consistent spec. Used from the event loop only.
+Built from the settings at start (`app.state.router`), then changed at run time through the
+admin API (`put`, `remove`: those deployments are stored, keys sealed). Specs are swapped whole
+on a change, so a request sees one consistent spec; replicas that leave are drained. Used from
+the event loop only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import httpx
-from sqlalchemy import select
+from typing import TYPE_CHECKING, Any, Literal
 
 from aicc.auth.permissions import Permission
 from aicc.auth.principal import Principal
 from aicc.db import Database
-from aicc.db.models import DeploymentWeightRow, utcnow
 from aicc.errors import (
     ConfigError,
+    ConflictError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -34,10 +31,17 @@ from aicc.errors import (
     QueueFullError,
 )
 from aicc.router import policy
+from aicc.router.build import Replica as Replica
+from aicc.router.build import build_replica, expand_ids, expanded, rollback_monitor
+from aicc.router.canary import watch_canaries
+from aicc.router.changes import check_changeable, check_shared_replicas
 from aicc.router.health import HealthTracker, RollbackMonitor
 from aicc.router.policy import DeploymentSpec, ReplicaLease, ReplicaSet, VariantSpec
-from aicc.router.remote import RemoteClient, RemoteUpstream
-from aicc.router.settings import DeploymentSettings, ReplicaSettings, replica_id
+from aicc.router.remote import RemoteClient
+from aicc.router.replicas import Replicas, close_clients
+from aicc.router.settings import DeploymentSettings, replica_id, replica_settings
+from aicc.router.store import DeploymentStore
+from aicc.router.views import deployment_view
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -53,11 +57,11 @@ TENANT_HEADER = "x-aicc-tenant"
 from there: that module imports the API routes, which import this one)."""
 WORKERS_VARIANT = "workers"
 """The one variant of the deployment that `aicc serve --workers N` makes of its model."""
-ROLLBACK_EVERY_S = 2.0
-AUTO_ROLLBACK_ACTOR = "auto-rollback"
 
 AuditEvent = Callable[[str, Principal | None, dict[str, Any]], Awaitable[None]]
 """(action, principal, detail): writes an audit event."""
+Source = Literal["config", "api", "workers"]
+"""Where a deployment comes from; only `api` ones may be replaced or removed at run time."""
 
 
 class ReplicasBusyError(QueueFullError):
@@ -77,21 +81,6 @@ class NoReplicaError(EngineUnavailableError):
 
 
 @dataclass(frozen=True, slots=True)
-class Replica:
-    """Where one replica is: a model this gateway serves, or a remote client."""
-
-    id: str
-    max_inflight: int
-    local_model: str | None = None
-    """The pool's name of an in-process model."""
-    client: RemoteClient | None = None
-    upstream_model: str = ""
-    """The `model` sent to a remote replica."""
-    sets_tenant: bool = False
-    """Send the caller's tenant (`x-aicc-tenant`): our own engine workers use it."""
-
-
-@dataclass(frozen=True, slots=True)
 class RouteDecision:
     model: str
     variant: str
@@ -104,6 +93,7 @@ class Deployment:
     fallback: tuple[str, ...]
     settings: DeploymentSettings | None
     monitor: RollbackMonitor | None
+    source: Source = "config"
 
 
 class Router:
@@ -118,47 +108,50 @@ class Router:
         health_check_s: float,
         retry_after_s: int = 1,
         database: Database | None = None,
+        secret: bytes | None = None,
+        drain_timeout_s: float = 30.0,
         rng: policy.RandomSource | None = None,
     ) -> None:
+        """`secret`: the server secret, which seals the keys of API-made deployments."""
         self.deployments = {d.spec.model: d for d in deployments}
-        self.replicas = {replica.id: replica for replica in replicas}
         self.health = health
+        self.fleet = Replicas(replicas, health, drain_timeout_s=drain_timeout_s)
+        self.replicas = self.fleet.by_id
         self.outstanding = ReplicaSet(health)
         self.health_check_s = health_check_s
         self.retry_after_s = retry_after_s
         self.database = database
+        self.store = DeploymentStore(database, secret) if database is not None else None
         self.audit_event: AuditEvent | None = None
+        self.on_new_model: Callable[[str], None] | None = None
+        """Called with each public name a change adds (the metrics' model label)."""
+        self.is_served_here: Callable[[str], bool] = lambda _: False
+        """Whether a name is a model this server serves itself (not a deployment name)."""
         self._rng = rng or random.Random()
         self._created = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
-        self._http: httpx.AsyncClient | None = None
-        self._supervised: set[str] = set()
-        """Replicas whose state their supervisor reports (engine workers): no active checks."""
         self._down: set[str] = set()
         """Supervised replicas down now (exited, restarting)."""
+        self._changing = asyncio.Lock()
 
     @classmethod
     def from_settings(
         cls, deployments: list[DeploymentSettings], *, health_check_s: float, eject_s: float,
-        retry_after_s: int, database: Database | None,
+        retry_after_s: int, database: Database | None, secret: bytes | None = None,
+        drain_timeout_s: float = 30.0,
     ) -> Router:  # fmt: skip
         """Raises `ConfigError` (an unreadable key or CA file, a missing key variable)."""
         replicas: dict[str, Replica] = {}
         built = []
         for settings in deployments:
-            for replica in [r for v in settings.variants for r in v.replicas] + settings.fallback:
-                rid = replica_id(settings.model, replica)
-                replicas.setdefault(rid, _replica(rid, settings.model, replica))
+            for rid, replica in replica_settings(settings):
+                if rid not in replicas:
+                    try:
+                        replicas[rid] = build_replica(rid, settings.model, replica)
+                    except InvalidRequestError as exc:
+                        raise ConfigError(f"deployment {settings.model!r}: {exc.message}") from None
             fallback = tuple(replica_id(settings.model, r) for r in settings.fallback)
-            rollback = settings.auto_rollback
-            monitor = None
-            if rollback is not None:
-                monitor = RollbackMonitor(
-                    rollback.window_s,
-                    rollback.min_requests,
-                    rollback.max_error_rate_delta,
-                    rollback.max_p99_ratio,
-                )
+            monitor = rollback_monitor(settings)
             built.append(Deployment(settings.spec(), fallback, settings, monitor))
         health = HealthTracker(eject_s=eject_s, max_eject_s=max(eject_s, 300.0))
         return cls(
@@ -168,22 +161,27 @@ class Router:
             health_check_s=health_check_s,
             retry_after_s=retry_after_s,
             database=database,
+            secret=secret,
+            drain_timeout_s=drain_timeout_s,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the persisted weights, then start health checks and the rollback watch."""
-        if self.database is not None:
-            for model, weights in (await asyncio.to_thread(self._load_weights)).items():
+        """Load the persisted weights and the API-made deployments, then start health checks
+        and the rollback watch."""
+        if self.store is not None:
+            for model, weights in (await asyncio.to_thread(self.store.load_weights)).items():
                 deployment = self.deployments.get(model)
                 known = {v.name for v in deployment.spec.variants} if deployment else set()
                 usable = {name: w for name, w in weights.items() if name in known}
                 if deployment is not None and usable:
                     with contextlib.suppress(InvalidRequestError):  # all 0: keep the config's
                         deployment.spec = policy.set_weights(deployment.spec, usable)
-        self._tasks.append(asyncio.create_task(self._check_health(), name="replica-health"))
-        if any(d.monitor is not None for d in self.deployments.values()):
-            self._tasks.append(asyncio.create_task(self._watch_canaries(), name="auto-rollback"))
+            await self._load_stored(self.store)
+        self._tasks.append(
+            asyncio.create_task(self.fleet.watch(self.health_check_s), name="replica-health")
+        )
+        self._tasks.append(asyncio.create_task(watch_canaries(self), name="auto-rollback"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -191,9 +189,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        for replica in self.replicas.values():
-            if replica.client is not None:
-                await replica.client.aclose()
+        await self.fleet.close()
 
     # -- requests --------------------------------------------------------------------------
     def has(self, model: str | None) -> bool:
@@ -242,7 +238,8 @@ class Router:
         for group in (variant.replicas, self._deployment(model).fallback):
             candidates = []
             for rid in group:
-                if rid in skipped or not self.is_in_service(rid):
+                # A variant of a replaced deployment may name replicas that left.
+                if rid in skipped or rid not in self.replicas or not self.is_in_service(rid):
                     continue
                 if self.outstanding.num_outstanding(rid) >= self.replicas[rid].max_inflight:
                     is_full = True
@@ -266,7 +263,8 @@ class Router:
         return replica_id not in self._down and self.health.is_available(replica_id)
 
     def acquire(self, replica: Replica) -> ReplicaLease:
-        return self.outstanding.acquire(replica.id)
+        """Count one request on the replica (and on its client, which a drain waits for)."""
+        return self.fleet.acquire(self.outstanding, replica)
 
     def record(
         self, decision: RouteDecision, *, ok: bool, latency_s: float, replica_failed: bool = False
@@ -282,7 +280,8 @@ class Router:
 
     def observe_variant(self, model: str, variant: str, *, ok: bool, latency_s: float) -> None:
         """One request's outcome for the canary comparison (also one no replica could take)."""
-        monitor = self._deployment(model).monitor
+        deployment = self.deployments.get(model)  # None: removed while the request ran
+        monitor = deployment.monitor if deployment is not None else None
         if monitor is not None:
             monitor.observe(variant, ok, latency_s)
 
@@ -316,19 +315,20 @@ class Router:
             self.replicas[worker.id] = Replica(
                 worker.id, max_inflight, client=client, upstream_model=model, sets_tenant=True
             )
-            self._supervised.add(worker.id)
+            self.fleet.supervised.add(worker.id)
             self.set_in_service(worker.id, worker.is_ready)
             ids.append(worker.id)
         self.replicas.pop(local_id, None)
+        self.fleet.workers = (local_id, tuple(ids))
         for deployment in self.deployments.values():
-            deployment.spec = _expanded(deployment.spec, local_id, ids)
-            deployment.fallback = _expand_ids(deployment.fallback, local_id, ids)
+            deployment.spec = expanded(deployment.spec, local_id, ids)
+            deployment.fallback = expand_ids(deployment.fallback, local_id, ids)
         if model not in self.deployments:
             spec = DeploymentSpec(model, (VariantSpec(WORKERS_VARIANT, 1.0, tuple(ids)),))
-            self.deployments[model] = Deployment(spec, (), None, None)
+            self.deployments[model] = Deployment(spec, (), None, None, "workers")
 
         def on_change(worker: WorkerReplica) -> None:
-            if worker.id in self._supervised:
+            if worker.id in self.fleet.supervised:
                 self.set_in_service(worker.id, worker.is_ready)
 
         return supervisor.on_change(on_change)
@@ -343,28 +343,66 @@ class Router:
             self._down.add(replica_id)
 
     # -- changes ---------------------------------------------------------------------------
+    async def put(self, settings: DeploymentSettings, *, actor: str) -> tuple[dict[str, Any], bool]:
+        """Create or replace an API-made deployment and store it. Returns its `describe` view
+        and whether it was created. Replicas that stay keep their state; new ones get
+        clients; those no longer used leave routing at once and are drained.
+
+        Raises `DeploymentInConfigError`, `ModelServedHereError`, `ReplicaInUseError` (409),
+        `InvalidRequestError` (a replica that cannot be built: bad URL, missing key variable,
+        unreadable file)."""
+        async with self._changing:
+            model = settings.model
+            check_changeable(self.deployments, model, self.is_served_here)
+            check_shared_replicas(self.deployments, self.replicas, settings)
+            built = await self._build(settings)
+            try:
+                if self.store is not None:
+                    await asyncio.to_thread(self.store.save, settings, actor)
+            except BaseException:
+                await close_clients(r.client for r in built.values())
+                raise
+            is_created = model not in self.deployments
+            self._install(settings, "api", built)
+        logger.info("deployment %s %s by %s", model, "created" if is_created else "replaced", actor)
+        return deployment_view(self, self.deployments[model]), is_created
+
+    async def remove(self, model: str, *, actor: str) -> None:
+        """Remove an API-made deployment; its replicas no other deployment uses are drained.
+        Raises `ModelNotFoundError` (404), `DeploymentInConfigError` (409)."""
+        async with self._changing:
+            self._deployment(model)
+            check_changeable(self.deployments, model, self.is_served_here)
+            if self.store is not None:
+                await asyncio.to_thread(self.store.delete, model)
+            del self.deployments[model]
+            self._drop_unused()
+        logger.info("deployment %s removed by %s", model, actor)
+
     async def promote(self, model: str, variant: str, *, actor: str) -> DeploymentSpec:
-        spec = self._deployment(model).spec
-        return await self._change(model, policy.promote(spec, variant), actor)
+        return await self._change(model, lambda d: policy.promote(d.spec, variant), actor)
 
     async def rollback(self, model: str, variant: str | None, *, actor: str) -> DeploymentSpec:
         """All traffic to `variant`; default the auto-rollback baseline, else the first."""
-        deployment = self._deployment(model)
-        if variant is None:
-            rollback = deployment.settings.auto_rollback if deployment.settings else None
-            variant = rollback.baseline if rollback else deployment.spec.variants[0].name
-        return await self._change(model, policy.rollback(deployment.spec, variant), actor)
+
+        def rolled_back(deployment: Deployment) -> DeploymentSpec:
+            name = variant
+            if name is None:
+                rollback = deployment.settings.auto_rollback if deployment.settings else None
+                name = rollback.baseline if rollback else deployment.spec.variants[0].name
+            return policy.rollback(deployment.spec, name)
+
+        return await self._change(model, rolled_back, actor)
 
     async def set_weights(
         self, model: str, weights: Mapping[str, float], *, actor: str
     ) -> DeploymentSpec:
         """Raises `InvalidRequestError` (unknown variant, bad weight, all 0)."""
-        spec = self._deployment(model).spec
-        return await self._change(model, policy.set_weights(spec, weights), actor)
+        return await self._change(model, lambda d: policy.set_weights(d.spec, weights), actor)
 
     def describe(self) -> list[dict[str, Any]]:
         """Specs, weights, replica health and outstanding requests (the admin listing)."""
-        return [self._describe(deployment) for deployment in self.deployments.values()]
+        return [deployment_view(self, deployment) for deployment in self.deployments.values()]
 
     # -- internals -------------------------------------------------------------------------
     def _deployment(self, model: str) -> Deployment:
@@ -373,221 +411,75 @@ class Router:
             raise ModelNotFoundError(f"no deployment {model!r}", param="model")
         return deployment
 
-    async def _change(self, model: str, spec: DeploymentSpec, actor: str) -> DeploymentSpec:
-        weights = {variant.name: variant.weight for variant in spec.variants}
-        if self.database is not None:
-            await asyncio.to_thread(self._save_weights, model, weights, actor)
-        self._deployment(model).spec = spec  # one assignment: requests see old or new
+    def _install(
+        self, settings: DeploymentSettings, source: Source, built: dict[str, Replica]
+    ) -> None:
+        spec, fallback = self.fleet.routing(settings)
+        self.fleet.install(built)
+        is_new = settings.model not in self.deployments
+        monitor = rollback_monitor(settings)
+        self.deployments[settings.model] = Deployment(spec, fallback, settings, monitor, source)
+        self._drop_unused()
+        if is_new and self.on_new_model is not None:
+            self.on_new_model(settings.model)
+
+    def _drop_unused(self) -> None:
+        self.fleet.drop_unused(
+            {
+                rid
+                for d in self.deployments.values()
+                for rid in (*d.fallback, *(r for v in d.spec.variants for r in v.replicas))
+            }
+        )
+
+    async def _build(self, settings: DeploymentSettings) -> dict[str, Replica]:
+        """The new replicas `settings` needs (see `Replicas.build`)."""
+        built: dict[str, Replica] = {}
+        try:
+            self.fleet.build(settings, built)
+        except InvalidRequestError:
+            await close_clients(r.client for r in built.values())
+            raise
+        return built
+
+    async def _load_stored(self, store: DeploymentStore) -> None:
+        """The API-made deployments, after the config's (whose names win)."""
+        for stored in await asyncio.to_thread(store.load):
+            try:
+                if stored.settings is None:
+                    raise InvalidRequestError(stored.problem or "unreadable settings")
+                check_changeable(self.deployments, stored.model, self.is_served_here)
+                check_shared_replicas(self.deployments, self.replicas, stored.settings)
+                built = await self._build(stored.settings)
+            except ConflictError as exc:
+                logger.warning("stored deployment %s is skipped: %s", stored.model, exc.message)
+            except InvalidRequestError as exc:
+                logger.error("deployment %s is skipped: %s", stored.model, exc.message)
+            else:
+                self._install(stored.settings, "api", built)
+
+    async def _change(
+        self, model: str, change: Callable[[Deployment], DeploymentSpec], actor: str
+    ) -> DeploymentSpec:
+        async with self._changing:
+            deployment = self._deployment(model)
+            spec = change(deployment)
+            weights = {variant.name: variant.weight for variant in spec.variants}
+            if self.store is not None:
+                save = (
+                    self.store.save_api_weights
+                    if deployment.source == "api"
+                    else self.store.save_weights
+                )
+                await asyncio.to_thread(save, model, weights, actor)
+            deployment.spec = spec  # one assignment: requests see old or new
         logger.info("deployment %s weights set to %s by %s", model, weights, actor)
         return spec
 
-    def _save_weights(self, model: str, weights: Mapping[str, float], actor: str) -> None:
-        assert self.database is not None
-        with self.database.session() as session:
-            for variant, weight in weights.items():
-                row = session.get(DeploymentWeightRow, (model, variant))
-                if row is None:
-                    row = DeploymentWeightRow(model=model, variant=variant, weight=weight)
-                    session.add(row)
-                row.weight = weight
-                row.updated_at = utcnow()
-                row.updated_by = actor[:256]
 
-    def _load_weights(self) -> dict[str, dict[str, float]]:
-        assert self.database is not None
-        weights: dict[str, dict[str, float]] = {}
-        with self.database.session() as session:
-            for row in session.scalars(select(DeploymentWeightRow)):
-                weights.setdefault(row.model, {})[row.variant] = row.weight
-        return weights
+def running_router(app: FastAPI, settings: Settings) -> AbstractAsyncContextManager[None]:
+    """`app.state.router` while the app runs (see `router/lifespan.py`; kept here for
+    `api/app.py`)."""
+    from aicc.router.lifespan import running_router as running  # it imports this module
 
-    async def _check_health(self) -> None:
-        remote = [
-            replica
-            for replica in self.replicas.values()
-            if replica.client is not None and replica.id not in self._supervised
-        ]
-        while True:
-            await asyncio.sleep(self.health_check_s)
-            results = await asyncio.gather(*(r.client.health() for r in remote if r.client))
-            for replica, ok in zip(remote, results, strict=True):
-                if self.health.record_check(replica.id, ok):
-                    logger.info("replica %s is back in service", replica.id)
-
-    async def _watch_canaries(self) -> None:
-        while True:
-            await asyncio.sleep(ROLLBACK_EVERY_S)
-            for model, deployment in self.deployments.items():
-                await self._judge(model, deployment)
-
-    async def _judge(self, model: str, deployment: Deployment) -> None:
-        settings = deployment.settings.auto_rollback if deployment.settings else None
-        if settings is None or deployment.monitor is None:
-            return
-        if deployment.spec.variant(settings.canary).weight <= 0:
-            return  # nothing to roll back
-        reason = deployment.monitor.verdict(settings.canary, settings.baseline)
-        if reason is None:
-            return
-        logger.warning("rolling %s back to %s: %s", model, settings.baseline, reason)
-        await self.rollback(model, settings.baseline, actor=AUTO_ROLLBACK_ACTOR)
-        deployment.monitor = RollbackMonitor(
-            settings.window_s, settings.min_requests, settings.max_error_rate_delta,
-            settings.max_p99_ratio,
-        )  # fmt: skip
-        if self.audit_event is not None:
-            detail = {"model": model, "variant": settings.baseline, "canary": settings.canary,
-                      "reason": reason}  # fmt: skip
-            try:
-                await self.audit_event("deploy.rollback", None, detail)
-            except Exception:  # the rollback stands; a lost entry must be seen in the log
-                logger.exception("the audit entry of the rollback of %s was not written", model)
-
-    def _describe(self, deployment: Deployment) -> dict[str, Any]:
-        spec = deployment.spec
-
-        def replica_view(rid: str) -> dict[str, Any]:
-            status = self.health.status(rid)
-            replica = self.replicas[rid]
-            kind = "worker" if rid in self._supervised else "remote"
-            return {
-                "id": rid,
-                "kind": "local" if replica.local_model is not None else kind,
-                "available": self.is_in_service(rid),
-                "consecutive_failures": status.num_consecutive_failures,
-                "ejections": status.num_ejections,
-                "outstanding": self.outstanding.num_outstanding(rid),
-                "max_inflight": replica.max_inflight,
-            }
-
-        return {
-            "model": spec.model,
-            "sticky": spec.sticky,
-            "variants": [
-                {
-                    "name": v.name,
-                    "weight": v.weight,
-                    "replicas": [replica_view(r) for r in v.replicas],
-                }
-                for v in spec.variants
-            ],
-            "fallback": [replica_view(rid) for rid in deployment.fallback],
-            "auto_rollback": (
-                deployment.settings.auto_rollback.model_dump()
-                if deployment.settings and deployment.settings.auto_rollback
-                else None
-            ),
-        }
-
-
-def _expand_ids(ids: tuple[str, ...], old: str, new: Iterable[str]) -> tuple[str, ...]:
-    """`ids` with `old` replaced by `new` (in its place, without duplicates)."""
-    if old not in ids:
-        return ids
-    result: list[str] = []
-    for rid in ids:
-        for item in new if rid == old else (rid,):
-            if item not in result:
-                result.append(item)
-    return tuple(result)
-
-
-def _expanded(spec: DeploymentSpec, old: str, new: Sequence[str]) -> DeploymentSpec:
-    variants = tuple(
-        dataclasses.replace(variant, replicas=_expand_ids(variant.replicas, old, new))
-        for variant in spec.variants
-    )
-    return dataclasses.replace(spec, variants=variants)
-
-
-def _replica(rid: str, public_model: str, settings: ReplicaSettings) -> Replica:
-    if settings.local is not None:
-        return Replica(rid, settings.max_inflight, local_model=settings.local)
-    timeouts = settings.timeouts
-    try:
-        upstream = RemoteUpstream(
-            settings.url or "",
-            _api_key(settings),
-            connect_timeout_s=timeouts.connect_s,
-            first_byte_timeout_s=timeouts.first_byte_s,
-            idle_timeout_s=timeouts.idle_s,
-            total_timeout_s=timeouts.total_s,
-            check_timeout_s=timeouts.check_s,
-            verify=str(settings.ca_file) if settings.ca_file else True,
-        )
-    except InvalidRequestError as exc:
-        raise ConfigError(f"deployment {public_model!r}: {exc.message}") from None
-    return Replica(
-        rid,
-        settings.max_inflight,
-        client=RemoteClient(upstream),
-        upstream_model=settings.model or public_model,
-    )
-
-
-def _api_key(settings: ReplicaSettings) -> str | None:
-    """The upstream's key from its variable or file. Raises `ConfigError`."""
-    if settings.api_key_env is not None:
-        key = os.environ.get(settings.api_key_env, "").strip()
-        if not key:
-            raise ConfigError(
-                f"the upstream key variable {settings.api_key_env} is not set (api_key_env)"
-            )
-        return key
-    if settings.api_key_file is not None:
-        path = Path(settings.api_key_file)
-        try:
-            key = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read api_key_file {str(path)!r}: {exc.strerror}") from None
-        if not key:
-            raise ConfigError(f"api_key_file {str(path)!r} is empty")
-        return key
-    return None
-
-
-@contextlib.asynccontextmanager
-async def running_router(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
-    """`app.state.router` while the app runs (None without deployments)."""
-    app.state.router = None
-    workers: WorkerSupervisor | None = getattr(app.state, "workers", None)
-    if not settings.deployments and workers is None:
-        yield
-        return
-    registry = getattr(app.state, "registry", None)
-    router = Router.from_settings(
-        settings.deployments,
-        health_check_s=settings.health_check_s,
-        eject_s=settings.replica_eject_s,
-        retry_after_s=settings.retry_after_s,
-        database=registry.database if registry is not None else None,
-    )
-    unsubscribe: Callable[[], None] | None = None
-    if workers is not None:
-        name = settings.served_model_name or workers.model_spec.name
-        try:
-            unsubscribe = router.serve_workers(name, workers)
-        except ConfigError as exc:
-            await router.close()
-            app.state.startup_error = exc
-            raise
-    audit = getattr(app.state, "audit", None)
-    if audit is not None:
-
-        async def audit_event(action: str, who: Principal | None, detail: dict[str, Any]) -> None:
-            await audit.append_event(action=action, principal=who, detail=detail)
-
-        router.audit_event = audit_event
-    metrics = getattr(app.state, "metrics", None)
-    if metrics is not None:
-        for name in router.names:
-            metrics.add_model_label(name)
-    await router.start()
-    app.state.router = router
-    try:
-        yield
-    finally:
-        app.state.router = None
-        if unsubscribe is not None:
-            unsubscribe()
-        await router.close()
+    return running(app, settings)

@@ -9,12 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, model_validator
 
 from aicc.errors import InvalidRequestError
 from aicc.router.policy import DeploymentSpec, VariantSpec
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+_LITERAL_KEY_CONTEXT = "literal_api_key"
+"""Set in the validation context of a deployment sent to the admin API (`from_api`): only
+there may a replica carry a literal `api_key` (stored encrypted)."""
 
 
 class ReplicaTimeouts(BaseModel):
@@ -47,6 +51,9 @@ class ReplicaSettings(BaseModel):
     """Environment variable holding the upstream's API key."""
     api_key_file: Path | None = None
     """File holding the upstream's API key (never a literal key in the config)."""
+    api_key: SecretStr | None = Field(default=None, min_length=1, max_length=4096)
+    """The upstream's key itself: admin API only (`DeploymentSettings.from_api`), stored
+    encrypted."""
     ca_file: Path | None = None
     """CA bundle verifying the upstream's TLS certificate (default: the system CAs)."""
     max_inflight: int = Field(default=64, ge=1, le=100_000)
@@ -55,8 +62,10 @@ class ReplicaSettings(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_literal_key(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "api_key" in data:
+    def _no_literal_key(cls, data: Any, info: ValidationInfo) -> Any:
+        is_api = isinstance(info.context, dict) and info.context.get(_LITERAL_KEY_CONTEXT) is True
+        # A dump of the settings (workers get one) carries `api_key: null`: not a key.
+        if isinstance(data, dict) and data.get("api_key") is not None and not is_api:
             raise ValueError(
                 "api_key: a literal key is not allowed in the config; "
                 "use api_key_env or api_key_file"
@@ -70,13 +79,18 @@ class ReplicaSettings(BaseModel):
         if self.local is not None:
             remote_only = [
                 name
-                for name in ("model", "api_key_env", "api_key_file", "ca_file")
+                for name in ("model", "api_key", "api_key_env", "api_key_file", "ca_file")
                 if getattr(self, name) is not None
             ]
             if remote_only:
                 raise ValueError(f"a local replica takes no {', '.join(remote_only)}")
-        if self.api_key_env is not None and self.api_key_file is not None:
-            raise ValueError("give api_key_env or api_key_file, not both")
+        sources = [
+            name
+            for name in ("api_key", "api_key_env", "api_key_file")
+            if getattr(self, name) is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"give one of {' or '.join(sources)}, not several")
         return self
 
 
@@ -135,6 +149,12 @@ class DeploymentSettings(BaseModel):
                 raise ValueError("auto_rollback: baseline and canary must differ")
         return self
 
+    @classmethod
+    def from_api(cls, data: Any) -> DeploymentSettings:
+        """Validate a deployment sent to the admin API (or stored from there), where a replica
+        may carry a literal `api_key`. Raises `ValidationError`."""
+        return cls.model_validate(data, context={_LITERAL_KEY_CONTEXT: True})
+
     def spec(self) -> DeploymentSpec:
         """The routing spec with the configured weights. Raises `InvalidRequestError`."""
         variants = tuple(
@@ -153,6 +173,14 @@ def replica_id(public_model: str, replica: ReplicaSettings) -> str:
     if replica.local is not None:
         return f"local:{replica.local}"
     return f"{(replica.url or '').rstrip('/')}#{replica.model or public_model}"
+
+
+def replica_settings(deployment: DeploymentSettings) -> list[tuple[str, ReplicaSettings]]:
+    """Every replica of the deployment (variants, then fallback) with its id, first use only."""
+    found: dict[str, ReplicaSettings] = {}
+    for replica in [r for v in deployment.variants for r in v.replicas] + deployment.fallback:
+        found.setdefault(replica_id(deployment.model, replica), replica)
+    return list(found.items())
 
 
 def check_unique(deployments: list[DeploymentSettings]) -> None:
