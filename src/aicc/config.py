@@ -230,6 +230,10 @@ class Settings(BaseSettings):
     """How long a replica that failed 3 requests or checks in a row is first taken out of
     service (each further ejection doubles it, up to 5 minutes)."""
 
+    feedback_window_s: int = Field(default=7 * 86400, ge=60, le=365 * 86400)
+    """How long after a call its caller may rate it (`POST /v1/feedback`); the call is found
+    in the audit log, so a window beyond `audit_retention_days` finds nothing older."""
+
     # -- model store -------------------------------------------------------------------------
     hf_endpoint: str = Field(default="https://huggingface.co", pattern=r"^https?://")
     """Hugging Face-compatible endpoint `aicc models pull` downloads from (a mirror, ModelScope)."""

@@ -62,6 +62,10 @@ MATRIX: list[tuple[str, str, str]] = [
     ("POST", "/admin/deployments/no-such-model/promote", "deployments:write"),
     ("POST", "/admin/deployments/no-such-model/rollback", "deployments:write"),
     ("POST", "/admin/deployments/no-such-model/weights", "deployments:write"),
+    ("PUT", "/admin/deployments/no-such-model", "deployments:write"),
+    ("DELETE", "/admin/deployments/no-such-model", "deployments:write"),
+    ("GET", "/admin/deployments/no-such-model/feedback", "config:read"),
+    ("POST", "/v1/feedback", "inference"),
 ]
 # Enrolment has a side effect only on the caller itself; checked separately below.
 SIDE_EFFECT_ROUTES = {("POST", "/auth/totp/enroll")}

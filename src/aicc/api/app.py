@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from aicc import __version__
-from aicc.api import health, tokenize
+from aicc.api import feedback, health, tokenize
 from aicc.api import metrics as metrics_routes
 from aicc.api.admin import account, audit, deployments, keys, roles, users
 from aicc.api.admin import config as config_routes
@@ -100,6 +100,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(embeddings.router)
     app.include_router(tokenize.router)
+    app.include_router(feedback.router)
     for module in (account, users, keys, roles, config_routes, audit, deployments):
         app.include_router(module.router)
     if settings.metrics_enabled:

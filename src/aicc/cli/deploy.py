@@ -93,6 +93,26 @@ def deploy_weights(conn: Connection, model: str, weights: tuple[str, ...]) -> No
         _echo_weights(client.post(_path(model, "weights"), {"weights": parsed}))
 
 
+@deploy.command("feedback")
+@click.argument("model")
+@click.option("--since", help="Only ratings given since this time (ISO-8601; UTC if no zone).")
+@json_option
+@connection_options
+def deploy_feedback(conn: Connection, model: str, since: str | None, as_json: bool) -> None:
+    """Users' ratings of MODEL's calls per variant (`POST /v1/feedback`), for A/B tests."""
+    with ApiClient.open(conn) as client:
+        data = client.get(_path(model, "feedback"), {"since": since} if since else None)["data"]
+    if as_json:
+        echo_json(data)
+        return
+    rows = [
+        (v["variant"] or "-", str(v["positive"]), str(v["negative"]), str(v["total"]),
+         "-" if v["positive_ratio"] is None else f"{v['positive_ratio']:.1%}")
+        for v in data
+    ]  # fmt: skip
+    echo_table(("VARIANT", "POSITIVE", "NEGATIVE", "TOTAL", "POSITIVE %"), rows)
+
+
 @deploy.command("apply")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @connection_options

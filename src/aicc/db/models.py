@@ -283,3 +283,28 @@ class DeploymentRow(Base):
     created_by: Mapped[str | None] = mapped_column(String(256))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     updated_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class FeedbackRow(Base):
+    """A user's rating of one of their own calls (`POST /v1/feedback`), for comparing a
+    deployment's variants. A second rating of the same call replaces the first."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("request_id", "user_id"),
+        Index("ix_feedback_model", "model"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    """The rated call's request id (its audit entry's)."""
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(256))
+    """The rated call's model, from its audit entry."""
+    variant: Mapped[str] = mapped_column(String(64))
+    """The deployment variant that served the call ("" when it was not routed)."""
+    rating: Mapped[int]
+    """1 (positive) or -1 (negative)."""
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    """When the current rating was given (a replacement sets it again)."""

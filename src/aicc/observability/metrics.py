@@ -144,6 +144,13 @@ class Metrics:
             registry=r,
         )
         self._audit_records = Counter("aicc_audit_records", "Audit entries committed.", registry=r)
+        self._feedback = Counter(
+            "aicc_feedback",
+            "Ratings of calls by their users (POST /v1/feedback): a call's first rating and each "
+            "change of it count once, under the new rating.",
+            (*MODEL_LABELS, "rating"),
+            registry=r,
+        )
         ProcessCollector(namespace="aicc", registry=r)
         r.register(_ScrapeCollector(self))
         self.engines: dict[str, EngineClient] = {}
@@ -221,6 +228,12 @@ class Metrics:
         if record.queue_time_s is not None:
             series.queue.observe(record.queue_time_s)
 
+    def observe_feedback(self, model: str, variant: str, rating: str) -> None:
+        """Count one new or changed rating (`positive`/`negative`) of a call to `model`."""
+        if model not in self._known_models:  # clients cannot grow the label set
+            model = variant = ""
+        self._feedback.labels(model, variant, rating).inc()
+
     def observe_audit_commit(self, seconds: float, num_records: int) -> None:
         """One audit batch committed (the audit log's `on_commit`; may run on any thread)."""
         self._audit_write.observe(seconds)
@@ -257,6 +270,8 @@ class Metrics:
                 step_seconds=self._step_seconds.labels(*labels),
             )
             self._series[(model, variant)] = series
+            for rating in ("positive", "negative"):  # exported at 0 from the first call on
+                self._feedback.labels(model, variant, rating)
         return series
 
 
