@@ -33,7 +33,7 @@ from aicc.api.state import (
 from aicc.config import Settings
 from aicc.observability.logging import log_call
 from aicc.observability.metrics import Metrics
-from aicc.router.service import running_router
+from aicc.router.lifespan import running_router
 from aicc.store.local import LocalModel
 
 __all__ = ["bare_app", "create_app", "open_state"]

@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,9 +43,6 @@ from aicc.router.store import DeploymentStore
 from aicc.router.views import deployment_view
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from aicc.config import Settings
     from aicc.router.workers import WorkerReplica, WorkerSupervisor
 
 logger = logging.getLogger(__name__)
@@ -475,11 +471,3 @@ class Router:
             deployment.spec = spec  # one assignment: requests see old or new
         logger.info("deployment %s weights set to %s by %s", model, weights, actor)
         return spec
-
-
-def running_router(app: FastAPI, settings: Settings) -> AbstractAsyncContextManager[None]:
-    """`app.state.router` while the app runs (see `router/lifespan.py`; kept here for
-    `api/app.py`)."""
-    from aicc.router.lifespan import running_router as running  # it imports this module
-
-    return running(app, settings)
