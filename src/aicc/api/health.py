@@ -16,15 +16,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The model is loaded and the engine loop is alive, and the server is not draining;
+    """The model is loaded and the engine loop is alive (with engine workers: one is ready,
+    or a remote replica serves their model meanwhile), and the server is not draining;
     otherwise 503."""
     drain = getattr(request.app.state, "drain", None)
     if drain is not None and drain.is_draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     workers = getattr(request.app.state, "workers", None)
-    if workers is not None:  # engine workers: ready while one of them is
+    if workers is not None:  # engine workers: ready while one of them is, or a fallback
         num_ready = workers.num_ready
-        if num_ready == 0:
+        router = getattr(request.app.state, "router", None)
+        if num_ready == 0 and (router is None or not router.serves_without_workers()):
             detail = "no engine worker is ready (restarting)"
             return JSONResponse({"status": "not_ready", "detail": detail}, status_code=503)
         return JSONResponse({"status": "ready", "workers_ready": num_ready})

@@ -9,10 +9,12 @@ on another replica.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import Request
@@ -28,7 +30,7 @@ from aicc.api.sse import DONE, encode_event
 from aicc.errors import AiccError
 from aicc.router.policy import ReplicaLease, VariantSpec
 from aicc.router.service import TENANT_HEADER, VARIANT_HEADER, Replica, RouteDecision, Router
-from aicc.router.upstream import UpstreamError, UpstreamResponse
+from aicc.router.upstream import UpstreamError, UpstreamResponse, upstream_error
 
 Json = dict[str, Any]
 MAX_TRIES = 2
@@ -141,7 +143,11 @@ async def forward(
         lease = call.router.acquire(replica)
         exchange = _Exchange(call, caller, lease)
         try:
-            return await until_disconnected(request, exchange.send(replica, path, body))
+            work = exchange.send(replica, path, body)
+            down = call.router.down_signal(replica.id)
+            if down is not None:
+                work = exchange.unless_down(work, down)
+            return await until_disconnected(request, work)
         except UpstreamError as exc:
             exchange.finish(ok=False, replica_failed=True)
             if not exc.retryable:
@@ -188,6 +194,32 @@ class _Exchange:
         first = await anext(chunks)  # UpstreamError here: nothing sent, may retry
         rename = model_renamer(replica.upstream_model, self.call.model)
         return self.call.tag(PassthroughResponse(self._relay(first, chunks, rename)))
+
+    async def unless_down(
+        self, work: Coroutine[Any, Any, Response], down: asyncio.Event
+    ) -> Response:
+        """`work`, unless the replica (an engine worker) goes down before its answer began:
+        then a retryable `UpstreamError`."""
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not task.cancelled():
+            return task.result()
+        if self.answer is not None:
+            await self.answer.aclose()
+        replica = self.call.replica
+        assert replica is not None
+        assert replica.client is not None
+        raise upstream_error(
+            replica.client.upstream, "closed", "exited before answering", retryable=True
+        )
 
     async def _relay(
         self, first: bytes, chunks: AsyncGenerator[bytes], rename: Callable[[bytes], bytes]

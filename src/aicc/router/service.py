@@ -127,6 +127,7 @@ class Router:
         self._created = int(time.time())
         self._tasks: list[asyncio.Task[None]] = []
         self._down: set[str] = set()
+        self._down_signals: dict[str, asyncio.Event] = {}
         """Supervised replicas down now (exited, restarting)."""
         self._changing = asyncio.Lock()
 
@@ -258,6 +259,19 @@ class Router:
         """Neither down (supervised replicas) nor ejected."""
         return replica_id not in self._down and self.health.is_available(replica_id)
 
+    def serves_without_workers(self) -> bool:
+        """Some deployment that routes to engine workers has another replica in service
+        (a remote variant or fallback): with every worker down its model is still served."""
+        supervised = self.fleet.supervised
+        for deployment in self.deployments.values():
+            ids = {rid for v in deployment.spec.variants for rid in v.replicas}
+            ids.update(deployment.fallback)
+            if ids & supervised and any(
+                rid not in supervised and self.is_in_service(rid) for rid in ids
+            ):
+                return True
+        return False
+
     def acquire(self, replica: Replica) -> ReplicaLease:
         """Count one request on the replica (and on its client, which a drain waits for)."""
         return self.fleet.acquire(self.outstanding, replica)
@@ -331,12 +345,28 @@ class Router:
 
     def set_in_service(self, replica_id: str, is_in_service: bool) -> None:
         """What a supervisor reports: a replica is ready (its health starts afresh) or
-        down (no request goes to it)."""
+        down (no request goes to it; those waiting for its answer hear of it through
+        `down_signal`)."""
         if is_in_service:
             self._down.discard(replica_id)
             self.health.forget(replica_id)
-        else:
-            self._down.add(replica_id)
+            return
+        self._down.add(replica_id)
+        signal = self._down_signals.pop(replica_id, None)
+        if signal is not None:
+            signal.set()
+
+    def down_signal(self, replica_id: str) -> asyncio.Event | None:
+        """For an engine worker: an event set when it goes down (None for other replicas).
+        A request sent to a worker just before it exited waits in its port's backlog (the
+        supervisor holds the socket) for the restarted worker; this lets it give up and
+        take another replica instead."""
+        if replica_id not in self.fleet.supervised:
+            return None
+        signal = self._down_signals.get(replica_id)
+        if signal is None:
+            signal = self._down_signals[replica_id] = asyncio.Event()
+        return signal
 
     # -- changes ---------------------------------------------------------------------------
     async def put(self, settings: DeploymentSettings, *, actor: str) -> tuple[dict[str, Any], bool]:
