@@ -16,7 +16,9 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aicc.api.errors import error_response
 from aicc.api.record import CallOutcome, CallRecord, scope_record
+from aicc.errors import AiccError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,13 @@ class CallLogger(Protocol):
 class RecordingMiddleware:
     """Runs inside `RequestIdMiddleware` (which creates the record) and outside the body limit
     (which reads the body and hashes it). Sinks are read from `app.state` per call, so they
-    can be created in the lifespan."""
+    can be created in the lifespan.
+
+    With the audit log on, a call's last body message (and the start of a plain response) is
+    held until the app has returned, then sent once the entry is committed: the app's objects
+    are freed before the wait (fewer live objects for the garbage collector), headers and
+    body leave together, and a failed commit can still be answered 503 instead of a 200 whose
+    body never comes."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -68,32 +76,79 @@ class RecordingMiddleware:
         if scope["path"] in UNAUDITED_PATHS:
             audit = None
         status = 0
-        is_finished = False
-        is_audited = False
+        held_start: Message | None = None
+        held_end: Message | None = None
+        """The last body message: the app has finished its response."""
 
         async def recording_send(message: Message) -> None:
-            nonlocal status, is_finished, is_audited
+            nonlocal status, held_start, held_end
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                if audit is not None and record.is_stream and status < 300:
-                    await audit.open_call(record, _outcome(scope, record, status))
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                is_finished = True
                 if audit is not None:
-                    is_audited = True
-                    await audit.append(record, _outcome(scope, record, status))
+                    if record.is_stream and status < 300:
+                        await audit.open_call(record, _outcome(scope, record, status))
+                    elif _has_length(message):  # one body message follows: keep them together
+                        held_start = message
+                        return
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                held_end = message
+                if audit is not None:
+                    return
+            if held_start is not None:
+                start, held_start = held_start, None
+                await send(start)
             await send(message)
 
+        is_audited = False
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            # Unfinished: the client went away mid-response, or the app failed before a byte.
-            final_status = status if is_finished else (_CLIENT_GONE if status else 500)
-            final = _outcome(scope, record, final_status)
-            if audit is not None and not is_audited:
-                # The client went away, or the app failed before its last byte.
-                await _append_quietly(audit, record, final)
-            _observe(state, record, final)
+            try:
+                if audit is not None and held_end is not None:
+                    is_audited = True
+                    held = (held_start, held_end)
+                    status = await _commit_and_send(
+                        audit, record, scope, receive, send, status, held
+                    )
+            finally:
+                # Unfinished: the client went away mid-response, or the app failed before a byte.
+                final_status = status if held_end is not None else (_CLIENT_GONE if status else 500)
+                final = _outcome(scope, record, final_status)
+                if audit is not None and not is_audited:
+                    await _append_quietly(audit, record, final)
+                _observe(state, record, final)
+
+
+async def _commit_and_send(
+    audit: AuditSink,
+    record: CallRecord,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    held: tuple[Message | None, Message],
+) -> int:
+    """Commit the call's entry, then send the held messages; the status sent. A failed commit
+    before the headers went out is answered with its error (503) instead; after them it is
+    raised (the server cuts the connection: the client never sees the response end).
+    """
+    start, end = held
+    try:
+        await audit.append(record, _outcome(scope, record, status))
+    except AiccError as exc:
+        if start is None:
+            raise
+        record.error_code = exc.code
+        await error_response(exc)(scope, receive, send)
+        return exc.status_code
+    if start is not None:
+        await send(start)
+    await send(end)
+    return status
+
+
+def _has_length(start: Message) -> bool:
+    return any(name == b"content-length" for name, _ in start.get("headers", ()))
 
 
 def _outcome(scope: Scope, record: CallRecord, status: int) -> CallOutcome:

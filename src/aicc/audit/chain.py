@@ -21,21 +21,18 @@ def canonical_json(value: Any) -> bytes:
 
     Raises ValueError for NaN or infinity and TypeError for values JSON cannot hold.
     """
-    return json.dumps(
-        value,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-        default=_encode_extra,
-    ).encode()
+    return _CANONICAL_ENCODER.encode(value).encode()
 
 
 def format_time(value: datetime) -> str:
     """The one text form of a time in hashes and checkpoints (`2025-01-31T12:00:00.000000Z`)."""
     if value.tzinfo is None:
         raise ValueError("naive datetime in the audit chain; use aware UTC datetimes")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = value.astimezone(UTC)
+    if utc.year < 1000:  # strftime does not pad these years; isoformat would
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same text as that strftime, at a quarter of its cost (it runs for every entry).
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def link_hash(prev_hash: str, fields: dict[str, Any]) -> str:
@@ -75,3 +72,13 @@ def _encode_extra(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"{type(value).__name__} cannot be hashed into the audit chain")
+
+
+_CANONICAL_ENCODER = json.JSONEncoder(
+    sort_keys=True,
+    separators=(",", ":"),
+    ensure_ascii=False,
+    allow_nan=False,
+    default=_encode_extra,
+)
+"""Built once: `json.dumps` with these options builds a new encoder on every call."""

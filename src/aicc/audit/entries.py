@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import operator
 import os
 import stat
 from collections.abc import Mapping
@@ -84,7 +85,7 @@ class AuditEntry:
 
     def hashed_fields(self) -> dict[str, Any]:
         """Every field but the two hashes, as the chain hashes them."""
-        values = {name: getattr(self, name) for name in _HASHED_FIELDS}
+        values = dict(zip(_HASHED_FIELDS, _hashed_values(self), strict=True))
         values["time"] = format_time(self.time)
         values["roles"] = list(self.roles)
         return values
@@ -127,6 +128,7 @@ class AuditEntry:
 
 _ALL_FIELDS = tuple(f.name for f in fields(AuditEntry))
 _HASHED_FIELDS = tuple(name for name in _ALL_FIELDS if name not in ("prev_hash", "hash"))
+_hashed_values = operator.attrgetter(*_HASHED_FIELDS)
 
 
 CallValues = tuple[Any, ...]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -25,6 +26,11 @@ logger = logging.getLogger(__name__)
 
 _LOG = cast(Table, AuditEntryRow.__table__)
 _LOG_COLUMNS = tuple(column.name for column in _LOG.columns)
+_column_values = operator.attrgetter(*_LOG_COLUMNS)
+"""An entry's values in column order (every column is an `AuditEntry` field)."""
+_SEQ, _TIME, _ROLES, _DETAIL, _PREV_HASH, _HASH = (
+    _LOG_COLUMNS.index(name) for name in ("seq", "time", "roles", "detail", "prev_hash", "hash")
+)
 _OPEN = cast(Table, AuditOpenCall.__table__)
 
 
@@ -191,27 +197,16 @@ class ChainStore:
     ) -> list[object]:
         """The chained entry's column values as the driver takes them (as SQLAlchemy would
         store them: naive UTC times, JSON text)."""
-        values: list[object] = []
-        for name in _LOG_COLUMNS:
-            if name == "seq":
-                values.append(seq)
-            elif name == "prev_hash":
-                values.append(prev_hash)
-            elif name == "hash":
-                values.append(hash_)
-            elif name == "time":
-                # SQLite keeps text in SQLAlchemy's DATETIME format (from the hashed
-                # `2025-01-31T12:00:00.000000Z`); PostgreSQL a naive UTC timestamp.
-                if self._db.is_sqlite:
-                    values.append(f"{hashed_time[:10]} {hashed_time[11:26]}")
-                else:
-                    values.append(entry.time.astimezone(UTC).replace(tzinfo=None))
-            elif name == "roles":
-                values.append(json.dumps(list(entry.roles)) if entry.roles else "[]")
-            elif name == "detail":
-                values.append(None if entry.detail is None else json.dumps(entry.detail))
-            else:
-                values.append(getattr(entry, name))
+        values: list[object] = list(_column_values(entry))
+        values[_SEQ], values[_PREV_HASH], values[_HASH] = seq, prev_hash, hash_
+        if self._db.is_sqlite:
+            # SQLite keeps text in SQLAlchemy's DATETIME format (from the hashed
+            # `2025-01-31T12:00:00.000000Z`); PostgreSQL a naive UTC timestamp.
+            values[_TIME] = f"{hashed_time[:10]} {hashed_time[11:26]}"
+        else:
+            values[_TIME] = entry.time.astimezone(UTC).replace(tzinfo=None)
+        values[_ROLES] = json.dumps(list(entry.roles)) if entry.roles else "[]"
+        values[_DETAIL] = None if entry.detail is None else json.dumps(entry.detail)
         return values
 
     def _connection(self) -> Connection:
