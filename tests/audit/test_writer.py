@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,11 @@ def test_a_stream_is_open_until_appended(audit_db: Database, settings: Settings)
     record, outcome = make_call(is_stream=True)
 
     async def body(log: AuditLog) -> None:
-        await log.open_call(record, outcome)
-        assert await asyncio.to_thread(_count, audit_db, "audit_open") == 1
+        await log.open_call(record, outcome)  # sent, not waited for: committed shortly
+        deadline = time.monotonic() + 5
+        while await asyncio.to_thread(_count, audit_db, "audit_open") != 1:
+            assert time.monotonic() < deadline, "the open row was not committed"
+            await asyncio.sleep(0.01)
         assert await asyncio.to_thread(_count, audit_db, "audit_log") == 0
         await log.append(record, outcome)
 

@@ -145,13 +145,19 @@ class AuditLog:
         await self._abandon()
 
     async def open_call(self, record: CallRecord, outcome: CallOutcome) -> None:
-        """Commit an `audit_open` row for a stream (before its headers go out): should the
-        server stop before `append`, the next start records the call as `audit.recovered`.
+        """Send an `audit_open` row for a stream as its headers go out: should the server
+        stop before `append`, the next start records the call as `audit.recovered`.
 
-        Raises AuditWriteError when it cannot be committed.
+        Not waited for (the stream's first byte does not wait on a commit): the worker
+        commits it before anything sent after it, the call's entry included, and commits
+        what it received even when the gateway dies. A failed commit is logged; `append`
+        reports its own.
+
+        Raises AuditWriteError when the audit log is not running.
         """
         call_id = f"{id(self):x}-{next(self._ids)}"
-        await self._submit("open", call_values(record, outcome), call_id)
+        future = self._enqueue("open", call_values(record, outcome), call_id)
+        future.add_done_callback(_log_open_failure)
         self._open_calls[id(record)] = call_id
 
     async def append(self, record: CallRecord, outcome: CallOutcome) -> None:
@@ -193,6 +199,13 @@ class AuditLog:
     async def _submit(
         self, kind: Kind, payload: Any, call_id: str | None = None, *, check_open: bool = True
     ) -> Any:
+        return await self._enqueue(kind, payload, call_id, check_open=check_open)
+
+    def _enqueue(
+        self, kind: Kind, payload: Any, call_id: str | None = None, *, check_open: bool = True
+    ) -> asyncio.Future[Any]:
+        """Queue one item for the worker (sent on the next loop turn); its future resolves
+        when the worker acknowledges it. Raises AuditWriteError when not running."""
         if self._reader_task is None or self._reader_task.done():
             raise AuditWriteError("the audit log is not running")
         if check_open and self._is_closed:
@@ -204,7 +217,7 @@ class AuditLog:
         self._pending.append((kind, work_id, payload, call_id))
         future: asyncio.Future[Any] = loop.create_future()
         self._futures[work_id] = future
-        return await future
+        return future
 
     def _send_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -293,3 +306,8 @@ async def _read_message(reader: asyncio.StreamReader, buffer: bytearray) -> Any:
         if messages:
             # The worker sends nothing after `Ready` until it is sent work.
             return messages[0]
+
+
+def _log_open_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("the open row of a stream was not committed: %s", future.exception())
