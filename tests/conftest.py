@@ -20,6 +20,8 @@ from aicc.api.app import create_app
 from aicc.config import load_settings
 from aicc.db import Database
 from aicc.engine.interface import EngineClient
+from aicc.router.service import Router
+from aicc.router.workers import WorkerSupervisor
 from aicc.store.local import BUNDLED_MODEL_NAME, ensure_bundled
 from tests.fixtures.postgres import find_postgres_bin, postgres_server
 
@@ -62,6 +64,17 @@ class LiveServer:
     def engine(self) -> EngineClient:
         engine: EngineClient = self.app.state.engine
         return engine
+
+    @property
+    def router(self) -> Router:
+        router: Router = self.app.state.router
+        return router
+
+    @property
+    def workers(self) -> WorkerSupervisor:
+        """The engine workers' supervisor (`workers: N`)."""
+        supervisor: WorkerSupervisor = self.app.state.workers
+        return supervisor
 
     def create_user_key(
         self, username: str, roles: tuple[str, ...] = ("user",), **key_fields: Any

@@ -44,13 +44,11 @@ class Hybrid:
 
     @property
     def supervisor(self) -> WorkerSupervisor:
-        supervisor: WorkerSupervisor = self.gateway.app.state.workers
-        return supervisor
+        return self.gateway.workers
 
     @property
     def router(self) -> Router:
-        router: Router = self.gateway.app.state.router
-        return router
+        return self.gateway.router
 
     @property
     def remote_id(self) -> str:

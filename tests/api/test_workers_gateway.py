@@ -37,13 +37,11 @@ class Gateway:
 
     @property
     def supervisor(self) -> WorkerSupervisor:
-        supervisor: WorkerSupervisor = self.live.app.state.workers
-        return supervisor
+        return self.live.workers
 
     @property
     def router(self) -> Router:
-        router: Router = self.live.app.state.router
-        return router
+        return self.live.router
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.live.api_key}"}

@@ -22,15 +22,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aicc.api.access import Reader
+from aicc.api.admin.audit import get_audit_log
 from aicc.api.record import call_record
-from aicc.audit import AuditLog
 from aicc.auth.deps import require
 from aicc.auth.permissions import Permission
 from aicc.auth.principal import Principal
 from aicc.config import Settings
 from aicc.db import Database
 from aicc.db.models import AuditEntryRow, FeedbackRow, utcnow
-from aicc.errors import EngineUnavailableError, NotFoundError
+from aicc.errors import NotFoundError
 from aicc.observability.metrics import Metrics
 from aicc.router.service import Router
 
@@ -191,15 +191,9 @@ def rating_label(rating: int) -> str:
     return "positive" if rating > 0 else "negative"
 
 
-def _store(request: Request) -> FeedbackStore:
+async def _store(request: Request) -> FeedbackStore:
     """Raises NotFoundError when the audit log is off (calls cannot be found then)."""
-    settings: Settings = request.app.state.settings
-    if not settings.audit_enabled:
-        raise NotFoundError("feedback needs the audit log, which is off (audit_enabled: false)")
-    audit: AuditLog | None = getattr(request.app.state, "audit", None)
-    if audit is None:
-        raise EngineUnavailableError("the server is starting; retry shortly")
-    return FeedbackStore(audit.db)
+    return FeedbackStore((await get_audit_log(request)).db)
 
 
 def _aware(value: datetime) -> datetime:
@@ -209,7 +203,7 @@ def _aware(value: datetime) -> datetime:
 @router.post("/v1/feedback")
 async def create_feedback(body: FeedbackRequest, principal: Reader, request: Request) -> Json:
     """Rate one of the caller's own calls (200 for a first rating and a replacement alike)."""
-    store = _store(request)
+    store = await _store(request)
     record = call_record(request)
     if record is not None:  # the comment stays out of the audit log
         record.detail = {"request_id": body.request_id, "rating": body.rating}
@@ -244,7 +238,7 @@ async def feedback_summary(
 ) -> Json:
     """Current ratings per variant (a deployment's variants without any are listed at 0)."""
     since = _aware(filters.since) if filters.since is not None else None
-    found = await asyncio.to_thread(_store(request).summary, model, since)
+    found = await asyncio.to_thread((await _store(request)).summary, model, since)
     deployments: Router | None = getattr(request.app.state, "router", None)
     if deployments is not None and deployments.has(model):
         for variant in deployments.deployments[model].spec.variants:
