@@ -61,7 +61,8 @@ def test_roundtrip(tmp_path: Path, size: int) -> None:
     assert is_encrypted(dst)
     assert not is_encrypted(src)
     assert dst.read_bytes()[: len(MAGIC)] == MAGIC
-    assert data not in dst.read_bytes()[HEADER_BYTES:] or size == 0
+    # (A few bytes of plaintext turn up in any random ciphertext by chance: check 16 and up.)
+    assert data not in dst.read_bytes()[HEADER_BYTES:] or size < 16
     fd = decrypt_to_fd(dst, KEY)
     try:
         assert _fd_bytes(fd) == data
