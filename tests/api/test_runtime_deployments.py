@@ -254,8 +254,9 @@ def test_replacing_a_deployment_drains_the_old_replica_under_a_live_stream(setup
 
 
 def test_delete_removes_a_deployment(setup: Setup) -> None:
-    shared = setup.router.replicas[f"{setup.upstreams[1].base_url}#{UPSTREAM_MODEL}"]
-    body = one_variant("v1", setup.remote(1, api_key_env=KEY_ENV))  # as `fixed` has it
+    body = one_variant("v1", setup.remote(0, api_key=setup.keys[0]))
+    assert setup.client.put("/admin/deployments/still-here", json=body).status_code == 201
+    shared = setup.router.replicas[f"{setup.upstreams[0].base_url}#{UPSTREAM_MODEL}"]
     assert setup.client.put("/admin/deployments/gone", json=body).status_code == 201
     assert setup.router.replicas[shared.id] is shared  # one replica, shared
     assert setup.client.post("/v1/chat/completions", json=chat("gone")).status_code == 200
@@ -265,10 +266,11 @@ def test_delete_removes_a_deployment(setup: Setup) -> None:
     assert deleted.json() == {"model": "gone", "deleted": True}
     missing = setup.client.post("/v1/chat/completions", json=chat("gone"))
     assert missing.status_code == 404
-    assert setup.router.replicas[shared.id] is shared  # still used by `fixed`
+    assert setup.router.replicas[shared.id] is shared  # still used by `still-here`
     again = setup.client.delete("/admin/deployments/gone")
     assert again.status_code == 404
     assert again.json()["error"]["code"] == "model_not_found"
+    assert setup.client.delete("/admin/deployments/still-here").status_code == 200
 
 
 def test_changes_need_deployments_write_and_leave_config_and_served_models_alone(
@@ -311,6 +313,12 @@ def test_changes_need_deployments_write_and_leave_config_and_served_models_alone
         ({"variants": [{"name": "a", "weight": 1, "replicas": [{"url": "http://h:1"}]}],
           "model": "other"}, "model"),
         ({"variants": []}, "variants"),
+        # The server's own variables and files must not become keys sent to any URL.
+        ({"variants": [{"name": "a", "weight": 1,
+                        "replicas": [{"url": "http://h:1", "api_key_env": "HOME"}]}]}, None),
+        ({"variants": [{"name": "a", "weight": 1,
+                        "replicas": [{"url": "http://h:1", "api_key_file": "/etc/passwd"}]}]},
+         None),
     ],
 )  # fmt: skip
 def test_bad_bodies_are_refused_with_400(
@@ -330,6 +338,21 @@ def test_a_body_that_is_not_an_object_is_refused_with_400(setup: Setup) -> None:
     for content in (b"[1, 2]", b"{not json"):
         response = setup.client.put("/admin/deployments/bad", content=content)
         assert response.status_code == 400, response.text
+
+
+def test_an_infinite_weight_is_refused_and_audited(setup: Setup) -> None:
+    body = b'{"variants": [{"name": "a", "weight": 1e400, "replicas": [{"url": "http://h:1"}]}]}'
+    response = setup.client.put(
+        "/admin/deployments/bad", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text  # not 503: the audit entry was written
+
+
+def test_a_name_with_control_characters_is_refused(setup: Setup) -> None:
+    body = one_variant("v1", setup.remote(1, api_key="sk-0123456789abcdef"))
+    response = setup.client.put("/admin/deployments/bad%00name", json=body)
+    assert response.status_code == 400, response.text
+    assert "bad\x00name" not in setup.router.deployments
 
 
 def test_health_checks_follow_the_replicas_of_new_deployments(setup: Setup) -> None:
@@ -362,6 +385,14 @@ def test_cli_applies_and_removes_deployments(setup: Setup, tmp_path: Path) -> No
     assert applied.exit_code == 0, applied.output
     assert "from-cli: applied (v1=1)" in applied.output
     assert setup.keys[0] not in applied.output
+    assert setup.client.post("/v1/chat/completions", json=chat("from-cli")).status_code == 200
+
+    key_file = tmp_path / "upstream.key"
+    key_file.write_text(setup.keys[0] + "\n")
+    from_file = one_variant("v1", setup.remote(0, api_key_file=str(key_file)))
+    file.write_text(json.dumps({"model": "from-cli", **from_file}))
+    read_here = runner.invoke(main, ["deploy", "apply", str(file)])
+    assert read_here.exit_code == 0, read_here.output  # the file is read by the CLI
     assert setup.client.post("/v1/chat/completions", json=chat("from-cli")).status_code == 200
 
     literal_key = one_variant("v1", setup.remote(0, api_key="literal"))

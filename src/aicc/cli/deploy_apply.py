@@ -1,9 +1,10 @@
 """`aicc deploy apply FILE`: deployments read from YAML or JSON, sent to `PUT
 /admin/deployments/{model}`.
 
-A replica's `api_key_env: NAME` is read here, from the CLI's environment, and sent as the
-literal `api_key` (the server stores it encrypted); the key never appears on a command line.
-`api_key_file` is a path on the server and is sent as it is.
+A replica's `api_key_env: NAME` or `api_key_file: PATH` is read here, from the CLI's
+environment or files, and sent as the literal `api_key` (the server stores it encrypted); the
+key never appears on a command line, and the server never reads its own variables or files for
+an API-made deployment.
 """
 
 from __future__ import annotations
@@ -77,17 +78,36 @@ def _replicas(replicas: list[Any], model: str) -> list[Any]:
                 f"deployment {model!r}: do not write a key into the file; "
                 "set `api_key_env: NAME` and export NAME in this shell"
             )
-        name = replica.get("api_key_env")
-        if not isinstance(name, str):
+        key = _key_of(replica, model)
+        if key is None:
             result.append(replica)
             continue
+        copy = {k: v for k, v in replica.items() if k not in ("api_key_env", "api_key_file")}
+        copy["api_key"] = key
+        result.append(copy)
+    return result
+
+
+def _key_of(replica: dict[str, Any], model: str) -> str | None:
+    """The key named by the replica's `api_key_env` or `api_key_file`, read here (None
+    without either). Raises CliError when it cannot be read."""
+    name, path = replica.get("api_key_env"), replica.get("api_key_file")
+    if isinstance(name, str):
         key = os.environ.get(name, "").strip()
         if not key:
             raise CliError(
                 f"deployment {model!r}: the variable {name} (api_key_env) is not set here; "
                 f"export it before `aicc deploy apply`"
             )
-        copy = {k: v for k, v in replica.items() if k != "api_key_env"}
-        copy["api_key"] = key
-        result.append(copy)
-    return result
+        return key
+    if isinstance(path, str):
+        try:
+            key = Path(path).expanduser().read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(
+                f"deployment {model!r}: cannot read api_key_file {path!r}: {exc}"
+            ) from None
+        if not key:
+            raise CliError(f"deployment {model!r}: api_key_file {path!r} is empty")
+        return key
+    return None

@@ -64,11 +64,20 @@ class ReplicaSettings(BaseModel):
     @classmethod
     def _no_literal_key(cls, data: Any, info: ValidationInfo) -> Any:
         is_api = isinstance(info.context, dict) and info.context.get(_LITERAL_KEY_CONTEXT) is True
+        if not isinstance(data, dict):
+            return data
         # A dump of the settings (workers get one) carries `api_key: null`: not a key.
-        if isinstance(data, dict) and data.get("api_key") is not None and not is_api:
+        if data.get("api_key") is not None and not is_api:
             raise ValueError(
                 "api_key: a literal key is not allowed in the config; "
                 "use api_key_env or api_key_file"
+            )
+        server_side = [k for k in ("api_key_env", "api_key_file") if data.get(k) is not None]
+        if server_side and is_api:
+            # They would read the server's environment or files and send them to the URL.
+            raise ValueError(
+                f"{server_side[0]}: through the API a replica's key is given as api_key "
+                "(stored encrypted); variables and files of the server are for its config"
             )
         return data
 
@@ -124,7 +133,7 @@ class DeploymentSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
     """The name clients put in `model`."""
     sticky: Literal["none", "user", "header"] = "none"
     """`user`: a caller keeps their variant; `header`: the `sticky_header` value decides."""
