@@ -51,12 +51,3 @@ def test_only_administrative_changes_are_detailed() -> None:
     assert change_detail(scope("/admin/x", "POST"), b"[1]") is None
     login = change_detail(scope("/auth/login", "POST"), b'{"username": "u", "password": "p"}')
     assert login == {"username": "u"}
-
-
-def test_json_infinities_become_strings() -> None:
-    body = b'{"weights": {"a": Infinity, "b": -Infinity, "c": NaN, "d": 1.5}, "e": 1e400}'
-    found = change_detail(scope("/admin/deployments/chat/weights", "POST"), body)
-    assert found == {
-        "request": {"weights": {"a": "inf", "b": "-inf", "c": "nan", "d": 1.5}, "e": "inf"}
-    }
-    json.dumps(found, allow_nan=False)  # what the audit chain requires

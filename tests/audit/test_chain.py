@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aicc.audit.chain import GENESIS_HASH, canonical_json, format_time, link_hash
+from aicc.audit.chain import GENESIS_HASH, canonical_json, format_time, link_hash, sanitize
 from aicc.audit.checkpoints import Checkpoint, CheckpointFile
 from aicc.audit.entries import (
     CONTENT_KEY_ENV,
@@ -188,3 +188,11 @@ def test_an_edited_checkpoint_line_is_not_authentic(
     assert not first.is_authentic
     assert first.claimed_seq == data["seq"]
     assert (garbled.is_authentic, garbled.checkpoint, garbled.claimed_seq) == (False, None, None)
+
+
+def test_sanitize_turns_infinities_into_strings() -> None:
+    # JSON's Infinity/NaN literals in a client's body reach an admin call's detail.
+    detail = json.loads('{"w": {"a": Infinity, "b": -Infinity, "c": NaN, "d": 1.5}, "e": 1e400}')
+    clean = sanitize(detail)
+    assert clean == {"w": {"a": "inf", "b": "-inf", "c": "nan", "d": 1.5}, "e": "inf"}
+    assert canonical_json(clean)  # strict JSON: would raise on a non-finite float

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any, Protocol
 
@@ -208,6 +207,4 @@ def _masked(value: Any, depth: int) -> Any:
         }
     if isinstance(value, list):
         return [_masked(item, depth + 1) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # JSON's NaN/Infinity literals: the audit chain takes strict JSON
     return value

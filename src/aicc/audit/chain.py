@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +43,8 @@ def link_hash(prev_hash: str, fields: dict[str, Any]) -> str:
 
 def sanitize(value: Any) -> Any:
     """A JSON-safe copy that reads back from either database exactly as written: NUL characters
-    (refused by PostgreSQL) and lone surrogates (not UTF-8) are replaced, tuples become lists.
+    (refused by PostgreSQL) and lone surrogates (not UTF-8) are replaced, tuples become lists,
+    infinities and NaN (JSON's `Infinity` literals in a client's body) become strings.
 
     Raises TypeError for values JSON cannot hold (e.g. bytes, sets).
     """
@@ -52,6 +54,8 @@ def sanitize(value: Any) -> Any:
         return {clean_text(str(key)): sanitize(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [sanitize(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # strict JSON (the chain's) has no infinities or NaN
     if value is None or isinstance(value, bool | int | float):
         return value
     raise TypeError(f"audit detail holds a {type(value).__name__}, which JSON cannot hold")
