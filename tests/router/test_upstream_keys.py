@@ -76,7 +76,7 @@ def test_a_stored_key_under_another_secret_is_refused_without_naming_the_key() -
 
 
 def test_settings_without_keys_round_trip() -> None:
-    data = {**deployment(api_key_env="UP_KEY"), "fallback": []}
+    data = {**deployment(), "fallback": []}
     settings = DeploymentSettings.from_api(data)
     assert opened_settings(sealed_settings(settings, SECRET), SECRET) == settings
 
@@ -85,7 +85,11 @@ def test_a_literal_key_is_refused_outside_the_admin_api() -> None:
     with pytest.raises(ValidationError, match="literal key is not allowed"):
         DeploymentSettings.model_validate(deployment(api_key=KEY))
     with pytest.raises(ValidationError, match="not several"):
-        DeploymentSettings.from_api(deployment(api_key=KEY, api_key_env="UP_KEY"))
+        DeploymentSettings.model_validate(deployment(api_key_env="UP_KEY", api_key_file="k"))
+    # The server's own variables and files never become a key sent to an API-given URL.
+    for server_side in ({"api_key_env": "HOME"}, {"api_key_file": "/etc/passwd"}):
+        with pytest.raises(ValidationError, match="through the API"):
+            DeploymentSettings.from_api(deployment(**server_side))
     local = {"model": "c", "variants": [
         {"name": "a", "weight": 1, "replicas": [{"local": "x", "api_key": KEY}]}]}  # fmt: skip
     with pytest.raises(ValidationError, match="local replica takes no api_key"):
