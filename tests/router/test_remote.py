@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,8 +178,11 @@ def test_closing_a_stream_early_stops_the_upstream_generation(aicc: LiveServer, 
         try:
             response = await client.open("/v1/chat/completions", body)
             chunks = response.chunks()
-            first = await anext(chunks)
-            assert aicc.engine.stats().num_running == 1
+            first = await anext(chunks)  # the role chunk may come before the engine admits it
+            deadline = time.monotonic() + 10
+            while aicc.engine.stats().num_running != 1:
+                assert time.monotonic() < deadline, "the generation did not start"
+                await asyncio.sleep(0.01)
             await chunks.aclose()  # what the gateway does when its client goes away
             aicc.wait_until_idle(timeout=2.0)  # 2000 tokens would take far longer
             return first
