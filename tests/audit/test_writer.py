@@ -22,6 +22,7 @@ from aicc.audit import AuditLog, AuditWriteError, verify
 from aicc.audit.chain import GENESIS_HASH
 from aicc.audit.entries import ContentCipher
 from aicc.audit.query import query
+from aicc.audit.worker import OPEN_HOLD_S
 from aicc.config import Settings
 from aicc.db import Database
 from tests.audit.conftest import SECRET, make_call, with_log
@@ -169,6 +170,27 @@ def test_a_stream_is_open_until_appended(audit_db: Database, settings: Settings)
     with_log(audit_db, settings, body)
     assert _count(audit_db, "audit_open") == 0
     assert [e.action for e in query(audit_db)] == ["api.call"]
+
+
+def test_a_short_stream_shares_one_commit_and_leaves_no_open_row(
+    audit_db: Database, settings: Settings
+) -> None:
+    commits: list[int] = []
+    calls = [make_call(is_stream=True) for _ in range(5)]
+
+    async def body(log: AuditLog) -> None:
+        for record, outcome in calls:
+            await log.open_call(record, outcome)
+            await asyncio.sleep(0.002)  # a stream far shorter than OPEN_HOLD_S
+            await log.append(record, outcome)
+            assert await asyncio.to_thread(_count, audit_db, "audit_open") == 0
+
+    with_log(audit_db, settings, body, on_commit=lambda _s, n: commits.append(n))
+    assert OPEN_HOLD_S >= 0.05
+    # Each open row waited for its entry (one commit per call, not two), unless the machine
+    # stalled for most of the hold.
+    assert len(commits) <= 7, commits
+    assert [e.request_id for e in query(audit_db)] == [r.request_id for r, _ in calls]
 
 
 def test_calls_left_open_are_recovered_at_start(
