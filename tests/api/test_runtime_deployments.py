@@ -243,13 +243,13 @@ def test_replacing_a_deployment_drains_the_old_replica_under_a_live_stream(setup
         assert response.headers["x-aicc-variant"] == "new"
         assert served_requests(setup.upstreams[0]) == before + 1
         time.sleep(0.7)  # past the drain's grace: only the open stream keeps the client
-        assert not old.client._client.is_closed
+        assert not old.client.is_closed
 
         gate.set()
         text = streamed.result(timeout=10)
     assert '"content": "Hi"' in text or '"content":"Hi"' in text
     assert text.rstrip().endswith("data: [DONE]")
-    wait_until(lambda: old.client is not None and old.client._client.is_closed, 5, "closed")
+    wait_until(lambda: old.client is not None and old.client.is_closed, 5, "closed")
     wait_until(lambda: setup.router.fleet.num_draining == 0, 5, "drain done")
 
 

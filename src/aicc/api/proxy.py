@@ -190,10 +190,10 @@ class _Exchange:
                 data["model"] = self.call.model
             self.finish(ok=True, replica_failed=False)
             return self.call.tag(JSONResponse(data))
-        chunks = answer.chunks()
-        first = await anext(chunks)  # UpstreamError here: nothing sent, may retry
+        batches = answer.event_batches()
+        first = await anext(batches)  # UpstreamError here: nothing sent, may retry
         rename = model_renamer(replica.upstream_model, self.call.model)
-        return self.call.tag(PassthroughResponse(self._relay(first, chunks, rename)))
+        return self.call.tag(PassthroughResponse(self._relay(first, batches, rename)))
 
     async def unless_down(
         self, work: Coroutine[Any, Any, Response], down: asyncio.Event
@@ -222,16 +222,20 @@ class _Exchange:
         )
 
     async def _relay(
-        self, first: bytes, chunks: AsyncGenerator[bytes], rename: Callable[[bytes], bytes]
+        self,
+        first: list[bytes],
+        batches: AsyncGenerator[list[bytes]],
+        rename: Callable[[bytes], bytes],
     ) -> AsyncGenerator[tuple[bytes, bool]]:
-        """(event, is_last) pairs; a failure mid-stream ends in an error event and [DONE]."""
+        """(events, is_last) pairs, the events of one upstream read together; a failure
+        mid-stream ends in an error event and [DONE]."""
         ok = failed = False
         answer = self.answer
         assert answer is not None
         try:
-            yield rename(first), answer.facts.is_done
-            async for event in chunks:
-                yield rename(event), answer.facts.is_done
+            yield b"".join(map(rename, first)), answer.facts.is_done
+            async for batch in batches:
+                yield b"".join(map(rename, batch)), answer.facts.is_done
             ok = True
         except UpstreamError as exc:
             failed = True
@@ -240,7 +244,7 @@ class _Exchange:
             yield encode_event(error_body(exc.message, exc.error_type, code=exc.code)), False
             yield DONE, True
         finally:
-            await chunks.aclose()
+            await batches.aclose()
             self.finish(ok=ok, replica_failed=failed)
 
     def finish(self, *, ok: bool, replica_failed: bool, observe: bool = True) -> None:

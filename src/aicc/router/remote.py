@@ -17,19 +17,14 @@ from typing import Any
 import httpx
 
 from aicc.errors import ConfigError, InvalidRequestError
-from aicc.router.upstream import (
-    ErrorKind,
-    UpstreamError,
-    UpstreamResponse,
-    classify_transport_error,
-    upstream_error,
-)
+from aicc.router.http1 import Http1Pool, Http1Response, TransportError
+from aicc.router.upstream import ErrorKind, UpstreamError, UpstreamResponse, upstream_error
 
 __all__ = ["PROXIED_PATHS", "RemoteClient", "RemoteUpstream", "UpstreamError"]
 
 PROXIED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
-# Never forwarded upstream: hop-by-hop headers, the caller's credentials, and what httpx sets.
+# Never forwarded upstream: hop-by-hop headers, the caller's credentials, and what we set.
 _DROPPED_REQUEST_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -96,27 +91,21 @@ class RemoteUpstream:
 
 
 class RemoteClient:
-    """Sends OpenAI requests to one remote upstream."""
+    """Sends OpenAI requests to one remote upstream, over kept-alive connections."""
 
-    def __init__(self, upstream: RemoteUpstream, client: httpx.AsyncClient | None = None) -> None:
-        """`client`: a shared pool; without one the client makes (and closes) its own.
-
-        Raises `ConfigError` when the upstream's CA bundle cannot be loaded.
-        """
+    def __init__(self, upstream: RemoteUpstream) -> None:
+        """Raises `ConfigError` when the upstream's CA bundle cannot be loaded."""
         self.upstream = upstream
-        self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            verify=_tls_verify(upstream.verify),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            trust_env=False,  # no proxy or CA settings picked up from the environment
+        parsed = httpx.URL(upstream.url)
+        is_tls = parsed.scheme == "https"
+        self._base_path = parsed.raw_path.decode("ascii").rstrip("/")
+        self._pool = Http1Pool(
+            parsed.host,
+            parsed.port or (443 if is_tls else 80),
+            tls=_tls_context(upstream.verify) if is_tls else None,
+            connect_timeout_s=upstream.connect_timeout_s,
         )
-        # Our own deadlines (asyncio.timeout) bound every wait; httpx only bounds connecting.
-        self._timeout = httpx.Timeout(
-            connect=upstream.connect_timeout_s,
-            read=None,
-            write=upstream.idle_timeout_s,
-            pool=upstream.first_byte_timeout_s,
-        )
+        self._auth = f"Bearer {upstream.api_key}" if upstream.api_key else None
 
     async def open(
         self, path: str, body: Mapping[str, Any], *, headers: Mapping[str, str] | None = None
@@ -139,18 +128,18 @@ class RemoteClient:
                 # Usage is needed for metering; the extra chunk is dropped again on the way back.
                 payload["stream_options"] = {**options, "include_usage": True}
                 drop_usage = True
-        request = self._client.build_request(
-            "POST",
-            self.upstream.url + path,
-            content=json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
-            headers=self._request_headers(headers, stream=wants_stream),
-            timeout=self._timeout,
-        )
+        content = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         started = time.perf_counter()
         wait_s = (
             self.upstream.first_byte_timeout_s if wants_stream else self.upstream.total_timeout_s
         )
-        response = await self._send(request, min(wait_s, self.upstream.total_timeout_s))
+        response = await self._send(
+            "POST",
+            path,
+            self._request_headers(headers, stream=wants_stream),
+            content,
+            min(wait_s, self.upstream.total_timeout_s),
+        )
         answer = UpstreamResponse(
             response,
             self.upstream,
@@ -173,12 +162,15 @@ class RemoteClient:
         for path in ("/readyz", "/v1/models"):
             try:
                 async with asyncio.timeout(self.upstream.check_timeout_s):
-                    response = await self._client.get(
-                        self.upstream.url + path,
-                        headers=self._request_headers(None, stream=False),
-                        timeout=self._timeout,
+                    response = await self._pool.request(
+                        "GET", self._base_path + path, self._request_headers(None, stream=False)
                     )
-            except (httpx.HTTPError, TimeoutError):
+                    try:
+                        while await response.next_chunk() is not None:
+                            pass
+                    finally:
+                        await response.aclose()
+            except (TransportError, TimeoutError):
                 return False
             if response.status_code not in (404, 405):
                 return response.is_success
@@ -186,13 +178,10 @@ class RemoteClient:
 
     async def models(self) -> list[dict[str, Any]]:
         """The upstream's model list (`data` of GET /v1/models). Raises `UpstreamError`."""
-        request = self._client.build_request(
-            "GET",
-            self.upstream.url + "/v1/models",
-            headers=self._request_headers(None, stream=False),
-            timeout=self._timeout,
+        headers = self._request_headers(None, stream=False)
+        response = await self._send(
+            "GET", "/v1/models", headers, b"", self.upstream.check_timeout_s
         )
-        response = await self._send(request, self.upstream.check_timeout_s)
         answer = UpstreamResponse(
             response, self.upstream, started=time.perf_counter(), wants_stream=False,
             drop_usage=False,
@@ -205,22 +194,23 @@ class RemoteClient:
             raise self._error("protocol", "sent a model list without a `data` list", False)
         return data
 
-    async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+    @property
+    def is_closed(self) -> bool:
+        return self._pool.is_closed
 
-    async def _send(self, request: httpx.Request, wait_s: float) -> httpx.Response:
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def _send(
+        self, method: str, path: str, headers: dict[str, str], content: bytes, wait_s: float
+    ) -> Http1Response:
         try:
             async with asyncio.timeout(wait_s):
-                return await self._client.send(request, stream=True)
+                return await self._pool.request(method, self._base_path + path, headers, content)
         except TimeoutError:
             raise self._error("timeout", f"sent no answer within {wait_s:g} s", True) from None
-        except httpx.ConnectTimeout:
-            limit = self.upstream.connect_timeout_s
-            raise self._error("timeout", f"could not be reached within {limit:g} s", True) from None
-        except httpx.HTTPError as exc:
-            kind, reason = classify_transport_error(exc)
-            raise self._error(kind, reason, True) from None
+        except TransportError as exc:
+            raise self._error(exc.kind, exc.reason, True) from None
 
     def _request_headers(self, extra: Mapping[str, str] | None, *, stream: bool) -> dict[str, str]:
         headers = {
@@ -230,29 +220,32 @@ class RemoteClient:
         }
         headers["content-type"] = "application/json"
         headers["accept"] = "text/event-stream" if stream else "application/json"
-        if stream:
-            headers["accept-encoding"] = "identity"  # compression would hold events back
-        if self.upstream.api_key:
-            headers["authorization"] = f"Bearer {self.upstream.api_key}"
+        headers["accept-encoding"] = "identity"  # compression would hold events back
+        headers["user-agent"] = "aicc"
+        if self._auth is not None:
+            headers["authorization"] = self._auth
         return headers
 
     def _error(self, kind: ErrorKind, reason: str, retryable: bool) -> UpstreamError:
         return upstream_error(self.upstream, kind, reason, retryable=retryable)
 
 
-def _tls_verify(verify: bool | str) -> ssl.SSLContext | bool:
-    """httpx's `verify` for ours: a CA bundle path becomes a context (httpx deprecates paths).
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """The TLS context for `RemoteUpstream.verify`: the system's CAs, a bundle, or none.
 
     Raises `ConfigError` when the bundle cannot be loaded.
     """
-    if isinstance(verify, bool):
-        return verify
     try:
-        return ssl.create_default_context(cafile=verify)
+        context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the upstream CA bundle {verify}: {exc}") from None
+    if verify is False:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
-def _is_event_stream(response: httpx.Response) -> bool:
+def _is_event_stream(response: Http1Response) -> bool:
     content_type: str = response.headers.get("content-type", "")
     return content_type.lower().startswith("text/event-stream")

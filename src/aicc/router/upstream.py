@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
-
 from aicc.errors import AiccError
+from aicc.router.http1 import Http1Response, TransportError
 from aicc.router.sse import DONE_DATA, SseFramer, SseFramingError, StreamFacts, event_data
 
 if TYPE_CHECKING:
@@ -22,6 +21,8 @@ ErrorKind = Literal["connect", "timeout", "http", "protocol", "closed"]
 _PASSED_HEADERS = frozenset({"content-type", "cache-control", "retry-after"})
 _PASSED_PREFIXES = ("x-ratelimit-", "openai-")
 _MAX_ERROR_BODY_BYTES = 64 * 1024
+_END_WAIT_S = 0.1
+"""How long a finished stream waits for its body's end, to keep the connection for reuse."""
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -49,22 +50,6 @@ def upstream_error(
     )
 
 
-def classify_transport_error(exc: httpx.HTTPError) -> tuple[ErrorKind, str]:
-    """The kind of an httpx failure and a reason for the message (no URL, no headers)."""
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout", "timed out"
-    if isinstance(exc, httpx.ConnectError):
-        return "connect", f"could not be reached ({exc})"
-    if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
-        return "closed", "closed the connection before the answer was complete"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        text = str(exc).lower()
-        if any(word in text for word in ("disconnect", "closed", "incomplete")):
-            return "closed", "closed the connection before the answer was complete"
-        return "protocol", "did not answer in HTTP"
-    return "protocol", f"failed ({type(exc).__name__})"
-
-
 class UpstreamResponse:
     """An upstream's answer whose headers have arrived.
 
@@ -75,7 +60,7 @@ class UpstreamResponse:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Http1Response,
         upstream: RemoteUpstream,
         *,
         started: float,
@@ -96,7 +81,6 @@ class UpstreamResponse:
         self.facts = StreamFacts()
         self.bytes_sent_to_client = 0
         self._drop_usage = drop_usage
-        self._reader: AsyncIterator[bytes] = response.aiter_bytes().__aiter__()
         self._body: bytes | None = None
         self._json: dict[str, Any] | None = None
 
@@ -105,14 +89,25 @@ class UpstreamResponse:
         return self.bytes_sent_to_client == 0
 
     async def chunks(self) -> AsyncGenerator[bytes]:
-        """The stream's SSE events, each passed on unchanged, `data: [DONE]` last.
+        """The stream's SSE events one by one (see `event_batches`)."""
+        batches = self.event_batches()
+        try:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+        finally:
+            await batches.aclose()
+
+    async def event_batches(self) -> AsyncGenerator[list[bytes]]:
+        """The stream's SSE events, each passed on unchanged, `data: [DONE]` last; those that
+        arrived together come together (one write to the client, not one each).
 
         Raises `UpstreamError`: `timeout`, `closed` (ended before `[DONE]`) or `protocol` (not
         OpenAI's events); `retryable` only while nothing was yielded. Closing the iterator
         early closes the connection, which tells the upstream to stop.
         """
         if not self.is_stream:
-            raise RuntimeError("chunks() reads stream answers; use read() or json()")
+            raise RuntimeError("event_batches() reads stream answers; use read() or json()")
         framer = SseFramer()
         try:
             while not self.facts.is_done:
@@ -123,14 +118,24 @@ class UpstreamResponse:
                     events = framer.feed(data)
                 except SseFramingError as exc:
                     raise self._fail("protocol", f"sent a broken event stream ({exc})") from None
-                for event in events:
-                    if self._is_dropped(event):
-                        continue
-                    self.bytes_sent_to_client += len(event)
-                    yield event
-                    if self.facts.is_done:
-                        break
+                batch: list[bytes] = []
+                try:
+                    for event in events:
+                        if self._is_dropped(event):
+                            continue
+                        self.bytes_sent_to_client += len(event)  # errors after it: no retry
+                        batch.append(event)
+                        if self.facts.is_done:
+                            break
+                except UpstreamError:
+                    if batch:
+                        yield batch
+                    raise
+                if batch:
+                    yield batch
         finally:
+            if self.facts.is_done:  # the body's end follows [DONE]: keep the connection
+                await self._response.finish(_END_WAIT_S)
             await self.aclose()
 
     async def read(self) -> bytes:
@@ -164,14 +169,14 @@ class UpstreamResponse:
         try:
             async with asyncio.timeout(self._upstream.idle_timeout_s):
                 body = b""
-                async for data in self._reader:
+                while (data := await self._response.next_chunk()) is not None:
                     body += data
                     if len(body) > _MAX_ERROR_BODY_BYTES:
                         break
             error = json.loads(body).get("error")
             message = error.get("message") if isinstance(error, dict) else error
             return f": {str(message)[:300]}" if message else ""
-        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
+        except (TransportError, TimeoutError, ValueError, AttributeError):
             return ""
         finally:
             await self.aclose()
@@ -201,13 +206,11 @@ class UpstreamResponse:
             reason = f"did not finish within {upstream.total_timeout_s:g} s"
         try:
             async with asyncio.timeout(max(wait_s, 0.0)):
-                return await anext(self._reader)
-        except StopAsyncIteration:
-            return None
+                return await self._response.next_chunk()
         except TimeoutError:
             raise self._fail("timeout", reason) from None
-        except httpx.HTTPError as exc:
-            raise self._fail(*classify_transport_error(exc)) from None
+        except TransportError as exc:
+            raise self._fail(exc.kind, exc.reason) from None
 
     def _is_dropped(self, event: bytes) -> bool:
         """Learn from one event; True for the usage chunk the client did not ask for.
