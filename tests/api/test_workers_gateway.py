@@ -77,6 +77,7 @@ def chat_body(*, stream: bool = False, max_tokens: int = 4, prompt: str = PROMPT
         "model": BUNDLED_MODEL_NAME,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
+        "ignore_eos": True,  # exactly max_tokens tokens: the token counters can be checked
         "stream": stream,
     }
 
