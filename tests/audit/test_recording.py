@@ -12,7 +12,7 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from aicc.api.observe import RecordingMiddleware
-from aicc.api.record import CallOutcome, CallRecord
+from aicc.api.record import RECORD_FINAL, CallOutcome, CallRecord
 from aicc.audit import AuditWriteError
 
 BODY = b'{"ok":true}'
@@ -40,15 +40,23 @@ class Sink:
 
 
 def run(
-    messages: list[Message], *, audited: bool = True, is_stream: bool = False, fail: bool = False
+    messages: list[Message],
+    *,
+    audited: bool = True,
+    is_stream: bool = False,
+    fail: bool = False,
+    pauses: bool = False,
 ) -> list[Any]:
-    """Serve one call through the middleware; what reached the server, in order."""
+    """Serve one call through the middleware; what reached the server, in order. `pauses`:
+    the app lets other tasks run between its messages (as a relay waiting on reads does)."""
     sent: list[Any] = []
     sink = Sink(sent, fail=fail)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         for message in messages:
             await send(message)
+            for _ in range(3 if pauses else 0):
+                await asyncio.sleep(0)
         sent.append(("app returned",))
 
     async def server_send(message: Message) -> None:
@@ -115,6 +123,32 @@ def test_a_stream_opens_before_its_headers_and_commits_before_its_last_byte() ->
         ("body", b"", False),
         ("observed", [200]),
     ]
+
+
+def test_a_stream_whose_record_is_final_commits_early_and_once() -> None:
+    final = {**body(b"usage\n\n", more=True), RECORD_FINAL: True}
+    sent = run(
+        [start(length=False), body(b"data: 1\n\n", more=True), final, body(b"[DONE]")],
+        is_stream=True,
+        pauses=True,
+    )
+    assert sent == [
+        ("open", 200),
+        ("start", 200),
+        ("body", b"data: 1\n\n", True),
+        ("body", b"usage\n\n", True),  # the commit runs meanwhile, not before this
+        ("append", 200),
+        ("app returned",),
+        ("body", b"[DONE]", False),
+        ("observed", [200]),
+    ]
+
+
+def test_an_early_commit_stands_for_a_stream_the_client_left() -> None:
+    final = {**body(b"usage\n\n", more=True), RECORD_FINAL: True}
+    sent = run([start(length=False), final], is_stream=True)  # no last message
+    assert sent.count(("append", 200)) == 1
+    assert sent[-1] == ("observed", [499])
 
 
 def test_a_response_in_pieces_sends_its_headers_with_the_first() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import contextlib
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 T = TypeVar("T")
 
@@ -27,4 +29,26 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(receive: Receive, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` (sending a response) until it ends or the client goes away: then it is
+    cancelled and this returns."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_gone(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if not task.cancelled():
+        task.result()
+
+
+async def _wait_for_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass

@@ -3,12 +3,14 @@ and the access log when the response is complete.
 
 Durability: the audit entry is committed *before* the last response byte is sent, so a client
 that got its answer is always in the log (a crash right after loses nothing acknowledged). For
-streams an "open call" row is committed before the headers go out, and the entry closes it at
-the end — or at the disconnect.
+streams an "open call" row is sent to the log as the headers go out, and the entry closes it at
+the end — or at the disconnect. A relayed stream whose record is complete before its end (the
+upstream's usage came; `RECORD_FINAL`) starts its commit then; the end still waits for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aicc.api.errors import error_response
-from aicc.api.record import CallOutcome, CallRecord, scope_record
+from aicc.api.record import RECORD_FINAL, CallOutcome, CallRecord, scope_record
 from aicc.errors import AiccError
 
 logger = logging.getLogger(__name__)
@@ -79,9 +81,11 @@ class RecordingMiddleware:
         held_start: Message | None = None
         held_end: Message | None = None
         """The last body message: the app has finished its response."""
+        early: asyncio.Future[None] | None = None
+        """The entry's commit, started before the end (`RECORD_FINAL`)."""
 
         async def recording_send(message: Message) -> None:
-            nonlocal status, held_start, held_end
+            nonlocal status, held_start, held_end, early
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 if audit is not None:
@@ -94,6 +98,9 @@ class RecordingMiddleware:
                 held_end = message
                 if audit is not None:
                     return
+            elif audit is not None and early is None and message.get(RECORD_FINAL):
+                outcome = _outcome(scope, record, status)
+                early = asyncio.ensure_future(audit.append(record, outcome))
             if held_start is not None:
                 start, held_start = held_start, None
                 await send(start)
@@ -108,14 +115,14 @@ class RecordingMiddleware:
                     is_audited = True
                     held = (held_start, held_end)
                     status = await _commit_and_send(
-                        audit, record, scope, receive, send, status, held
+                        audit, record, scope, receive, send, status, held, early
                     )
             finally:
                 # Unfinished: the client went away mid-response, or the app failed before a byte.
                 final_status = status if held_end is not None else (_CLIENT_GONE if status else 500)
                 final = _outcome(scope, record, final_status)
                 if audit is not None and not is_audited:
-                    await _append_quietly(audit, record, final)
+                    await _append_quietly(audit, record, final, early)
                 _observe(state, record, final)
 
 
@@ -127,14 +134,18 @@ async def _commit_and_send(
     send: Send,
     status: int,
     held: tuple[Message | None, Message],
+    early: asyncio.Future[None] | None,
 ) -> int:
-    """Commit the call's entry, then send the held messages; the status sent. A failed commit
-    before the headers went out is answered with its error (503) instead; after them it is
-    raised (the server cuts the connection: the client never sees the response end).
+    """Commit the call's entry (or wait for the commit started `early`), then send the held
+    messages; the status sent. A failed commit before the headers went out is answered with
+    its error (503) instead; after them it is raised (the server cuts the connection: the
+    client never sees the response end).
     """
     start, end = held
     try:
-        await audit.append(record, _outcome(scope, record, status))
+        await (
+            early if early is not None else audit.append(record, _outcome(scope, record, status))
+        )
     except AiccError as exc:
         if start is None:
             raise
@@ -165,9 +176,16 @@ def _outcome(scope: Scope, record: CallRecord, status: int) -> CallOutcome:
     )
 
 
-async def _append_quietly(audit: AuditSink, record: CallRecord, outcome: CallOutcome) -> None:
+async def _append_quietly(
+    audit: AuditSink,
+    record: CallRecord,
+    outcome: CallOutcome,
+    early: asyncio.Future[None] | None,
+) -> None:
+    """Commit the entry of a call that did not end normally (or wait for the commit started
+    early, which then stands for it)."""
     try:
-        await audit.append(record, outcome)
+        await (early if early is not None else audit.append(record, outcome))
     except Exception:  # the response is gone already; the failure must be seen, not raised
         logger.exception("audit entry for request %s could not be written", record.request_id)
 

@@ -15,24 +15,26 @@ import json
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from aicc.api.access import InferenceCaller
-from aicc.api.disconnect import until_disconnected
+from aicc.api.disconnect import unless_gone, until_disconnected
 from aicc.api.errors import error_body, error_response
-from aicc.api.record import CallRecord
+from aicc.api.record import RECORD_FINAL, CallRecord
 from aicc.api.sse import DONE, encode_event
 from aicc.errors import AiccError
 from aicc.router.policy import ReplicaLease, VariantSpec
 from aicc.router.service import TENANT_HEADER, VARIANT_HEADER, Replica, RouteDecision, Router
+from aicc.router.sse import StreamFacts
 from aicc.router.upstream import UpstreamError, UpstreamResponse, upstream_error
 
 Json = dict[str, Any]
+Relayed = Literal["more", "final", "last"]
 MAX_TRIES = 2
 """Replicas one call may try: a request that reached no client byte is retried once."""
 
@@ -123,11 +125,18 @@ async def renamed(chunks: AsyncIterator[Json], model: str) -> AsyncGenerator[Jso
 
 
 async def forward(
-    request: Request, caller: InferenceCaller, call: RoutedCall, path: str
+    request: Request,
+    caller: InferenceCaller,
+    call: RoutedCall,
+    path: str,
+    body: Json | None = None,
 ) -> Response:
     """Send the call to its remote replica (once more to another one while nothing reached
-    the client) and answer the client. Errors become tagged error responses."""
-    body: Json = await request.json()
+    the client) and answer the client. Errors become tagged error responses. `body`: the
+    request's, if parsed already."""
+    if body is None:
+        body = await request.json()
+    assert body is not None
     error: UpstreamError | None = None
     for attempt in range(2):
         if attempt:
@@ -226,23 +235,37 @@ class _Exchange:
         first: list[bytes],
         batches: AsyncGenerator[list[bytes]],
         rename: Callable[[bytes], bytes],
-    ) -> AsyncGenerator[tuple[bytes, bool]]:
-        """(events, is_last) pairs, the events of one upstream read together; a failure
-        mid-stream ends in an error event and [DONE]."""
+    ) -> AsyncGenerator[tuple[bytes, Relayed]]:
+        """(events, state) pairs, the events of one upstream read together; a failure
+        mid-stream ends in an error event and [DONE]. The state is "final" once, when the
+        upstream's usage has come (the record is then complete), "last" with [DONE]."""
         ok = failed = False
         answer = self.answer
         assert answer is not None
+        is_recorded = False
+
+        def state() -> Relayed:
+            nonlocal is_recorded
+            if answer.facts.is_done:
+                return "last"
+            if answer.facts.has_final_usage and not is_recorded:
+                is_recorded = True
+                if self.call.record is not None:
+                    _fill_record(answer.facts, self.call.record)
+                return "final"
+            return "more"
+
         try:
-            yield b"".join(map(rename, first)), answer.facts.is_done
+            yield b"".join(map(rename, first)), state()
             async for batch in batches:
-                yield b"".join(map(rename, batch)), answer.facts.is_done
+                yield b"".join(map(rename, batch)), state()
             ok = True
         except UpstreamError as exc:
             failed = True
             if self.call.record is not None:
                 self.call.record.error_code = exc.code
-            yield encode_event(error_body(exc.message, exc.error_type, code=exc.code)), False
-            yield DONE, True
+            yield encode_event(error_body(exc.message, exc.error_type, code=exc.code)), "more"
+            yield DONE, "last"
         finally:
             await batches.aclose()
             self.finish(ok=ok, replica_failed=failed)
@@ -288,9 +311,12 @@ def _meter(answer: UpstreamResponse, caller: InferenceCaller) -> None:
     prompt, completion = facts.num_prompt_tokens, facts.num_completion_tokens
     if prompt is not None or completion is not None:
         caller.usage.record(prompt or 0, completion or 0)
-    record = caller.record
-    if record is None:
-        return
+    if caller.record is not None:
+        _fill_record(facts, caller.record)
+
+
+def _fill_record(facts: StreamFacts, record: CallRecord) -> None:
+    prompt, completion = facts.num_prompt_tokens, facts.num_completion_tokens
     record.num_prompt_tokens = prompt
     record.num_completion_tokens = completion
     record.first_token_at = facts.first_token_at
@@ -302,10 +328,12 @@ def _meter(answer: UpstreamResponse, caller: InferenceCaller) -> None:
 
 class PassthroughResponse(StreamingResponse):
     """An upstream's event stream, passed on. Its last event goes out as the final body
-    message (the audit commit runs before the client sees the end); the iterator is always
-    closed, which closes the upstream stream at once when the client goes away."""
+    message (the audit commit is done before the client sees the end); once the upstream's
+    usage has come, the message says so (`RECORD_FINAL`): the commit starts then, alongside
+    the upstream's own before its [DONE]. The iterator is always closed, which closes the
+    upstream stream at once when the client goes away."""
 
-    def __init__(self, events: AsyncGenerator[tuple[bytes, bool]]) -> None:
+    def __init__(self, events: AsyncGenerator[tuple[bytes, Relayed]]) -> None:
         self._events = events
         super().__init__(
             _bodies(events),
@@ -316,21 +344,26 @@ class PassthroughResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})  # fmt: skip
-        async for event, is_last in self._events:
-            if is_last:
+        async for event, state in self._events:
+            if state == "last":
                 await send({"type": "http.response.body", "body": event, "more_body": False})
                 return
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            message: Message = {"type": "http.response.body", "body": event, "more_body": True}
+            if state == "final":
+                message[RECORD_FINAL] = True
+            await send(message)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette's own watches the client in an anyio task group; two plain tasks do it
+        # for less on every relayed stream.
         try:
-            await super().__call__(scope, receive, send)
+            await unless_gone(receive, self.stream_response(send))
         finally:
             await self._events.aclose()
 
 
-async def _bodies(events: AsyncGenerator[tuple[bytes, bool]]) -> AsyncGenerator[bytes]:
+async def _bodies(events: AsyncGenerator[tuple[bytes, Relayed]]) -> AsyncGenerator[bytes]:
     # Unused by `stream_response`; StreamingResponse wants a body iterator.
     async for event, _ in events:
         yield event

@@ -59,6 +59,11 @@ class CallRecord:
         return (self.last_token_at - self.first_token_at) / (tokens - 1)
 
 
+RECORD_FINAL = "aicc.record_final"
+"""Set on a stream's body message (`more_body` still true) once its record holds everything
+the audit entry needs: the entry is committed from then on, while the rest is relayed."""
+
+
 def scope_record(scope: Scope) -> CallRecord | None:
     record = scope.get("state", {}).get("call_record")
     return record if isinstance(record, CallRecord) else None

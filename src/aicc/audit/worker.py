@@ -40,7 +40,7 @@ _DATA_ERRORS = (IntegrityError, DataError, TypeError, ValueError)
 """Errors one entry's data can cause: the batch is then retried entry by entry."""
 _HEADER = 4
 _RECV_BYTES = 1 << 20
-OPEN_HOLD_S = 0.05
+OPEN_HOLD_S = 0.5
 """Longest time open rows wait alone for the next entry to share its commit. Most streams
 end sooner: their open row and entry then cancel out, one commit instead of two."""
 

@@ -74,6 +74,8 @@ class StreamFacts:
     """The code (or type) of an error event inside a stream."""
     is_done: bool = False
     """`data: [DONE]` was seen."""
+    has_final_usage: bool = False
+    """The usage-only chunk was seen: OpenAI's last data chunk, all counts are known."""
 
     def observe_chunk(self, payload: dict[str, Any], at: float) -> bool:
         """Learn from one streamed chunk. True when the chunk only carries `usage`."""
@@ -90,7 +92,10 @@ class StreamFacts:
                     self.first_token_at = at
                 self.last_token_at = at
             self._observe_finish(choice)
-        return not choices and isinstance(payload.get("usage"), dict)
+        is_usage_only = not choices and isinstance(payload.get("usage"), dict)
+        if is_usage_only:
+            self.has_final_usage = True
+        return is_usage_only
 
     def observe_body(self, payload: dict[str, Any]) -> None:
         """Learn from a whole (non-streamed) answer."""

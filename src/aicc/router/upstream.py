@@ -100,7 +100,8 @@ class UpstreamResponse:
 
     async def event_batches(self) -> AsyncGenerator[list[bytes]]:
         """The stream's SSE events, each passed on unchanged, `data: [DONE]` last; those that
-        arrived together come together (one write to the client, not one each).
+        arrived together come together (one write to the client, not one each). The batch of
+        the final usage comes even when dropping that chunk left it empty.
 
         Raises `UpstreamError`: `timeout`, `closed` (ended before `[DONE]`) or `protocol` (not
         OpenAI's events); `retryable` only while nothing was yielded. Closing the iterator
@@ -119,6 +120,7 @@ class UpstreamResponse:
                 except SseFramingError as exc:
                     raise self._fail("protocol", f"sent a broken event stream ({exc})") from None
                 batch: list[bytes] = []
+                had_usage = self.facts.has_final_usage
                 try:
                     for event in events:
                         if self._is_dropped(event):
@@ -131,8 +133,8 @@ class UpstreamResponse:
                     if batch:
                         yield batch
                     raise
-                if batch:
-                    yield batch
+                if batch or self.facts.has_final_usage != had_usage:
+                    yield batch  # (empty: the usage the client did not ask for came alone)
         finally:
             if self.facts.is_done:  # the body's end follows [DONE]: keep the connection
                 await self._response.finish(_END_WAIT_S)
