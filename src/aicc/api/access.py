@@ -52,7 +52,19 @@ def check_model_access(principal: Principal, model: str) -> None:
 async def inference_caller(
     request: Request, principal: Annotated[Principal, require(Permission.INFERENCE)]
 ) -> AsyncIterator[InferenceCaller]:
-    body = await _checked_body(request, principal)
+    caller = open_caller(request, principal, await checked_body(request, principal))
+    try:
+        yield caller
+    finally:
+        caller.usage.release()
+
+
+def open_caller(
+    request: Request, principal: Principal, body: dict[str, Any] | None
+) -> InferenceCaller:
+    """The caller of an inference request whose body was checked (`checked_body`): its record
+    filled in and a generation lease taken — release it (`usage.release()`) once the response
+    has been sent. Raises the rate limiter's errors."""
     capture: bool = request.app.state.settings.audit_capture_content
     record = call_record(request)
     if record is not None:
@@ -60,10 +72,7 @@ async def inference_caller(
         if capture and body:
             record.prompt_text = _content_of(body)
     lease = _limiter(request).acquire(principal)
-    try:
-        yield InferenceCaller(principal, lease, record, capture)
-    finally:
-        lease.release()
+    return InferenceCaller(principal, lease, record, capture)
 
 
 Caller = Annotated[InferenceCaller, Depends(inference_caller)]
@@ -74,7 +83,7 @@ async def inference_reader(
 ) -> Principal:
     """The lighter check of routes that generate nothing (model lists, tokenization): the
     model allow-list and requests per minute, no stream slot."""
-    await _checked_body(request, principal)
+    await checked_body(request, principal)
     _limiter(request).admit(principal)
     return principal
 
@@ -82,7 +91,7 @@ async def inference_reader(
 Reader = Annotated[Principal, Depends(inference_reader)]
 
 
-async def _checked_body(request: Request, principal: Principal) -> dict[str, Any] | None:
+async def checked_body(request: Request, principal: Principal) -> dict[str, Any] | None:
     """The request's JSON body, after checking (and recording) the model it names."""
     body = await _json_body(request)
     model = _requested_model(request, body)

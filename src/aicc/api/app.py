@@ -17,6 +17,7 @@ from aicc.api.admin import config as config_routes
 from aicc.api.deadline import DeadlineMiddleware
 from aicc.api.drain import DrainMiddleware, DrainState
 from aicc.api.errors import error_response, install_error_handlers
+from aicc.api.fastproxy import ProxyShortcut
 from aicc.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from aicc.api.models import ModelsBusyError
 from aicc.api.observe import RecordingMiddleware
@@ -112,9 +113,11 @@ def create_app(
 
 def add_request_middlewares(app: FastAPI, settings: Settings) -> None:
     """What every aicc server runs around its routes (the gateway and the engine worker),
-    outermost first: request id, call recording, drain, deadline, body size and time limits.
+    outermost first: request id, call recording, drain, deadline, body size and time limits,
+    and the short way for calls to remote-only deployments.
     Sets `app.state.drain` for the `DrainingServer` and readiness."""
     app.state.drain = DrainState(retry_after_s=settings.retry_after_s)
+    app.add_middleware(ProxyShortcut)  # innermost: the body has passed its limits
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,

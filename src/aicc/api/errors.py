@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,11 @@ async def _on_aicc_error(request: Request, exc: AiccError) -> JSONResponse:
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    return validation_error_response(request, exc.errors())
+
+
+def validation_error_response(request: Request, errors: Sequence[Any]) -> JSONResponse:
+    """The 400 for a body that failed validation (pydantic's errors, first one reported)."""
     first: dict[str, Any] = dict(errors[0]) if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         message = "We could not parse the JSON body of your request: " + str(

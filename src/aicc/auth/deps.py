@@ -78,17 +78,20 @@ def require(
     reading the audit log when `audit_admin_read` is on)."""
 
     async def check(request: Request, principal: CurrentPrincipal) -> Principal:
-        admitted = permission is None or principal.can(permission)
-        if not admitted and also_admit is not None:
-            admitted = also_admit(request, principal)
-        if not admitted:
-            raise PermissionDeniedError(
-                f"Your credential lacks the {permission!s} permission for this route."
-            )
+        if also_admit is None or permission is None or not also_admit(request, principal):
+            check_permission(principal, permission)
         return principal
 
     check.required_permission = permission or AUTHENTICATED  # type: ignore[attr-defined]
     return Depends(check)
+
+
+def check_permission(principal: Principal, permission: Permission | None) -> None:
+    """Raise PermissionDeniedError unless `principal` holds `permission` (None: any)."""
+    if permission is not None and not principal.can(permission):
+        raise PermissionDeniedError(
+            f"Your credential lacks the {permission!s} permission for this route."
+        )
 
 
 def required_permission(call: Callable[..., Coroutine[Any, Any, Any]]) -> str | None:

@@ -192,6 +192,21 @@ class Router:
     def has(self, model: str | None) -> bool:
         return model is not None and model in self.deployments
 
+    def is_remote_only(self, model: str) -> bool:
+        """Every replica the deployment can send a call to is reached over HTTP (another
+        server or an engine worker), none is a model of this process."""
+        deployment = self.deployments.get(model)
+        if deployment is None:
+            return False
+        spec = deployment.spec
+        groups = [variant.replicas for variant in spec.variants] + [deployment.fallback]
+        for group in groups:
+            for rid in group:
+                replica = self.replicas.get(rid)
+                if replica is not None and replica.client is None:
+                    return False
+        return True
+
     @property
     def names(self) -> list[str]:
         return list(self.deployments)

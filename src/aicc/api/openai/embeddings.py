@@ -152,7 +152,7 @@ async def create_embeddings(
     body: EmbeddingRequest, target: Routed, caller: Caller, request: Request
 ) -> Response:
     if target.is_remote:
-        return await dispatch(request, caller, target, "/v1/embeddings")
+        return await dispatch(request, caller, target.call, "/v1/embeddings")
 
     async def serve(model: LoadedModel) -> Response:
         # A client that goes away stops the work between groups of inputs.

@@ -19,6 +19,7 @@ from aicc.api.openai.serving import OpenAIServing
 from aicc.api.proxy import RoutedCall, forward, renamed
 from aicc.api.record import call_record
 from aicc.api.sse import EventStreamResponse
+from aicc.auth.principal import Principal
 from aicc.errors import AiccError, EngineUnavailableError
 from aicc.router.service import NoReplicaError, Router
 
@@ -106,21 +107,29 @@ async def get_target(request: Request, caller: Caller) -> AsyncIterator[Target]:
             yield Target(model)
         return
     assert model_name is not None
-    variant = deployments.choose_variant(model_name, caller.principal, request.headers)
-    call = RoutedCall(deployments, model_name, variant, call_record(request))
-    try:
-        replica = call.pick()
-    except AiccError as exc:
-        if isinstance(exc, NoReplicaError):  # the variant fails its requests
-            deployments.observe_variant(model_name, variant.name, ok=False, latency_s=0.0)
-        yield Target(None, _Refused(call, exc))
-        return
-    if replica.local_model is None:
+    call = routed_call(request, deployments, model_name, caller.principal)
+    replica = call.replica
+    if replica is None or replica.local_model is None:
         yield Target(None, call)
         return
     with deployments.acquire(replica):
         async with model_pool(request).lease(replica.local_model) as model:
             yield Target(model, call)
+
+
+def routed_call(request: Request, router: Router, model: str, principal: Principal) -> RoutedCall:
+    """The deployment call with its variant and first replica chosen; a call no replica can
+    take is a `_Refused` one (answered with its error by `dispatch`). Raises the variant
+    choice's errors (a variant override without permission, an unknown variant)."""
+    variant = router.choose_variant(model, principal, request.headers)
+    call = RoutedCall(router, model, variant, call_record(request))
+    try:
+        call.pick()
+    except AiccError as exc:
+        if isinstance(exc, NoReplicaError):  # the variant fails its requests
+            router.observe_variant(model, variant.name, ok=False, latency_s=0.0)
+        return _Refused(call, exc)
+    return call
 
 
 class _Refused(RoutedCall):
@@ -132,13 +141,17 @@ class _Refused(RoutedCall):
 
 
 async def dispatch(
-    request: Request, caller: InferenceCaller, target: Target, path: str
+    request: Request,
+    caller: InferenceCaller,
+    call: RoutedCall | None,
+    path: str,
+    body: dict[str, Any] | None = None,
 ) -> Response:
-    """A remote replica's (or a refused call's) response."""
-    assert target.call is not None
-    if isinstance(target.call, _Refused):
-        return target.call.error(target.call.refusal)
-    return await forward(request, caller, target.call, path)
+    """A remote replica's (or a refused call's) response. `body`: the request's, if parsed."""
+    assert call is not None
+    if isinstance(call, _Refused):
+        return call.error(call.refusal)
+    return await forward(request, caller, call, path, body)
 
 
 Routed = Annotated[Target, Depends(get_target)]
@@ -149,7 +162,7 @@ async def create_chat_completion(
     body: ChatCompletionRequest, target: Routed, caller: Caller, request: Request
 ) -> Response:
     if target.is_remote:
-        return await dispatch(request, caller, target, "/v1/chat/completions")
+        return await dispatch(request, caller, target.call, "/v1/chat/completions")
 
     async def serve(model: LoadedModel) -> Response:
         chat, local = model.chat, body.model_copy(update={"model": model.name})
@@ -168,7 +181,7 @@ async def create_completion(
     body: CompletionRequest, target: Routed, caller: Caller, request: Request
 ) -> Response:
     if target.is_remote:
-        return await dispatch(request, caller, target, "/v1/completions")
+        return await dispatch(request, caller, target.call, "/v1/completions")
 
     async def serve(model: LoadedModel) -> Response:
         serving, local = model.serving, body.model_copy(update={"model": model.name})
