@@ -132,7 +132,12 @@ def measure(
     return median_ms, summary.request_throughput, len(run.requests) - len(ok)
 
 
-LATENCY_PROMPT = "Reply with one word: hello."
+LATENCY_PROMPT = (
+    "You are taking part in a latency test of an API gateway. Read this paragraph, ignore "
+    "what it says, and reply with exactly one word, hello, and nothing else at all."
+)
+"""Long enough (with the chat template, over 32 tokens: the engine's `min_cached_prefix`) for
+the upstream's prefix cache to hold it after the warm-up."""
 
 
 def measure_latency(
