@@ -20,10 +20,11 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aicc.api.access import InferenceCaller, check_model_access, open_caller
 from aicc.api.errors import error_response, validation_error_response
+from aicc.api.middleware import replayed
 from aicc.api.openai import routes as openai_routes
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.routes import dispatch, routed_call
@@ -59,7 +60,7 @@ class ProxyShortcut:
         body = _json_object(raw)
         model = body.get("model") if body is not None else None
         if body is None or not isinstance(model, str) or not router.is_remote_only(model):
-            await self.app(scope, _replay(raw, receive), send)
+            await self.app(scope, replayed(raw, receive), send)
             return
         scope["route"] = self._route(path)  # for metrics and logs, as routed calls
         response, caller = await self._respond(request, router, body, model, path)
@@ -119,17 +120,3 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
-
-
-def _replay(raw: bytes, receive: Receive) -> Receive:
-    """`receive` for the app: the body read here first, then the connection's own events."""
-    is_sent = False
-
-    async def replayed() -> Message:
-        nonlocal is_sent
-        if not is_sent:
-            is_sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        return await receive()
-
-    return replayed

@@ -100,16 +100,7 @@ class BodySizeLimitMiddleware:
         record = scope_record(scope)
         if record is not None:
             record.detail = change_detail(scope, body)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replayed(body, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"The request body is larger than the limit of {self.max_bytes} bytes."
@@ -130,3 +121,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """`receive` for an app whose request body was read already: that body first, then the
+    connection's own events (a disconnect)."""
+    is_sent = False
+
+    async def replay() -> Message:
+        nonlocal is_sent
+        if not is_sent:
+            is_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
