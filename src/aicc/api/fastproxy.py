@@ -55,13 +55,20 @@ class ProxyShortcut:
         if router is None or scope["method"] != "POST" or path not in _BODIES:
             await self.app(scope, receive, send)
             return
+        names = router.remote_only_models()
+        if not names:
+            await self.app(scope, receive, send)
+            return
         request = Request(scope, receive)
         raw = await request.body()
-        body = _json_object(raw)
+        # Parsed here only when it may name one (a plain search): the app parses it again.
+        mentioned = any(b'"%s"' % name.encode() in raw for name in names)
+        body = _json_object(raw) if mentioned else None
         model = body.get("model") if body is not None else None
-        if body is None or not isinstance(model, str) or not router.is_remote_only(model):
+        if body is None or model not in names:
             await self.app(scope, replayed(raw, receive), send)
             return
+        assert isinstance(model, str)
         scope["route"] = self._route(path)  # for metrics and logs, as routed calls
         response, caller = await self._respond(request, router, body, model, path)
         try:

@@ -192,6 +192,10 @@ class Router:
     def has(self, model: str | None) -> bool:
         return model is not None and model in self.deployments
 
+    def remote_only_models(self) -> list[str]:
+        """The deployments `is_remote_only` holds for."""
+        return [model for model in self.deployments if self.is_remote_only(model)]
+
     def is_remote_only(self, model: str) -> bool:
         """Every replica the deployment can send a call to is reached over HTTP (another
         server or an engine worker), none is a model of this process."""
