@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aicc.api.disconnect import ClientDisconnected
 from aicc.api.errors import error_response
 from aicc.api.record import RECORD_FINAL, CallOutcome, CallRecord, scope_record
 from aicc.errors import AiccError
@@ -109,6 +110,8 @@ class RecordingMiddleware:
         is_audited = False
         try:
             await self.app(scope, receive, recording_send)
+        except ClientDisconnected:
+            status = status or _CLIENT_GONE  # nobody to answer; not a server error
         finally:
             try:
                 if audit is not None and held_end is not None:

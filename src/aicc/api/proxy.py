@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from aicc.api.access import InferenceCaller
-from aicc.api.disconnect import unless_gone, until_disconnected
+from aicc.api.disconnect import ClientDisconnected, unless_gone, until_disconnected
 from aicc.api.errors import error_body, error_response
 from aicc.api.record import RECORD_FINAL, CallRecord
 from aicc.api.sse import DONE, encode_event
@@ -162,6 +162,9 @@ async def forward(
             if not exc.retryable:
                 return call.error(exc)
             error = exc
+        except ClientDisconnected:
+            exchange.finish(ok=True, replica_failed=False)  # the client's choice, no error
+            raise
         except BaseException:
             exchange.finish(ok=False, replica_failed=False)
             raise
