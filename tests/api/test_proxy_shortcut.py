@@ -47,10 +47,9 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     models: list[str] = []
     original = ProxyShortcut._respond
 
-    async def spy(self: ProxyShortcut, request: Any, router: Any, body: Any, model: str,
-                  path: str) -> Any:  # fmt: skip
+    async def spy(self: ProxyShortcut, request: Any, router: Any, model: str, path: str) -> Any:
         models.append(model)
-        return await original(self, request, router, body, model, path)
+        return await original(self, request, router, model, path)
 
     monkeypatch.setattr(ProxyShortcut, "_respond", spy)
     return models

@@ -58,6 +58,11 @@ def _note(request: Request, code: str | None) -> None:
 
 
 async def _on_aicc_error(request: Request, exc: AiccError) -> JSONResponse:
+    return aicc_error_response(request, exc)
+
+
+def aicc_error_response(request: Request, exc: AiccError) -> JSONResponse:
+    """The answer to a domain error, its code kept on the call's record (5xx logged)."""
     _note(request, exc.code or exc.error_type)
     if exc.status_code >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)

@@ -12,8 +12,6 @@ take whole (not JSON, no deployment's model), goes on to the app untouched.
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
 from fastapi import Request
@@ -22,19 +20,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from aicc.api.access import InferenceCaller, check_model_access, open_caller
-from aicc.api.errors import error_response, validation_error_response
+from aicc.api.access import InferenceCaller, checked_body, open_caller
+from aicc.api.errors import aicc_error_response, validation_error_response
 from aicc.api.middleware import replayed
 from aicc.api.openai import routes as openai_routes
 from aicc.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from aicc.api.openai.routes import dispatch, routed_call
-from aicc.api.record import call_record
 from aicc.auth.deps import check_permission, current_principal
 from aicc.auth.permissions import Permission
 from aicc.errors import AiccError
 from aicc.router.service import Router
-
-logger = logging.getLogger(__name__)
 
 _BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -63,14 +58,14 @@ class ProxyShortcut:
         raw = await request.body()
         # Parsed here only when it may name one (a plain search): the app parses it again.
         mentioned = any(b'"%s"' % name.encode() in raw for name in names)
-        body = _json_object(raw) if mentioned else None
+        body = await _json_object(request) if mentioned else None
         model = body.get("model") if body is not None else None
         if body is None or model not in names:
             await self.app(scope, replayed(raw, receive), send)
             return
         assert isinstance(model, str)
         scope["route"] = self._route(path)  # for metrics and logs, as routed calls
-        response, caller = await self._respond(request, router, body, model, path)
+        response, caller = await self._respond(request, router, model, path)
         try:
             await response(scope, receive, send)
         finally:
@@ -78,32 +73,25 @@ class ProxyShortcut:
                 caller.usage.release()  # after the last byte, as the route's lease
 
     async def _respond(
-        self, request: Request, router: Router, body: dict[str, Any], model: str, path: str
+        self, request: Request, router: Router, model: str, path: str
     ) -> tuple[Response, InferenceCaller | None]:
         """The response (errors answered as the app's handlers would) and the caller whose
-        lease to release once it has been sent."""
+        lease to release once it has been sent. The request's JSON is parsed (and cached on
+        it) already: every step below reads that one parse."""
         caller: InferenceCaller | None = None
         try:
             principal = await current_principal(request)
             check_permission(principal, Permission.INFERENCE)
-            record = call_record(request)
-            if record is not None:
-                record.model = model
-            check_model_access(principal, model)
+            body = await checked_body(request, principal)
             try:
                 _BODIES[path].model_validate(body)
             except ValidationError as exc:
                 return validation_error_response(request, exc.errors()), None
             caller = open_caller(request, principal, body)
             call = routed_call(request, router, model, principal)
-            return await dispatch(request, caller, call, path, body), caller
+            return await dispatch(request, caller, call, path), caller
         except AiccError as exc:
-            record = call_record(request)
-            if record is not None:
-                record.error_code = exc.code or exc.error_type
-            if exc.status_code >= 500:
-                logger.error("%s %s failed: %s", request.method, path, exc.message)
-            return error_response(exc), caller
+            return aicc_error_response(request, exc), caller
         except BaseException:
             if caller is not None:
                 caller.usage.release()
@@ -121,9 +109,9 @@ class ProxyShortcut:
         return self._routes[path]
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+async def _json_object(request: Request) -> dict[str, Any] | None:
     try:
-        body = json.loads(raw)
+        body = await request.json()
     except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None

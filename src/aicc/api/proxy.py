@@ -125,18 +125,11 @@ async def renamed(chunks: AsyncIterator[Json], model: str) -> AsyncGenerator[Jso
 
 
 async def forward(
-    request: Request,
-    caller: InferenceCaller,
-    call: RoutedCall,
-    path: str,
-    body: Json | None = None,
+    request: Request, caller: InferenceCaller, call: RoutedCall, path: str
 ) -> Response:
     """Send the call to its remote replica (once more to another one while nothing reached
-    the client) and answer the client. Errors become tagged error responses. `body`: the
-    request's, if parsed already."""
-    if body is None:
-        body = await request.json()
-    assert body is not None
+    the client) and answer the client. Errors become tagged error responses."""
+    body: Json = await request.json()  # parsed once per request (starlette keeps it)
     error: UpstreamError | None = None
     for attempt in range(2):
         if attempt:

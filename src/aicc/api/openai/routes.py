@@ -141,17 +141,13 @@ class _Refused(RoutedCall):
 
 
 async def dispatch(
-    request: Request,
-    caller: InferenceCaller,
-    call: RoutedCall | None,
-    path: str,
-    body: dict[str, Any] | None = None,
+    request: Request, caller: InferenceCaller, call: RoutedCall | None, path: str
 ) -> Response:
-    """A remote replica's (or a refused call's) response. `body`: the request's, if parsed."""
+    """A remote replica's (or a refused call's) response."""
     assert call is not None
     if isinstance(call, _Refused):
         return call.error(call.refusal)
-    return await forward(request, caller, call, path, body)
+    return await forward(request, caller, call, path)
 
 
 Routed = Annotated[Target, Depends(get_target)]
