@@ -11,6 +11,9 @@ ever held. Beyond uvicorn's `limit_concurrency` (our `max_connections`) a reques
 OpenAI-style 503 with `Retry-After` here, in place of uvicorn's plain-text one.
 With TLS, the protocol runs over the decrypted stream once the handshake is done (the event
 loop bounds the handshake itself: 60 s).
+
+A response's head and its first body piece leave in one write when the app sends them in one
+loop turn (uvicorn writes each message on its own): one segment, one wake-up of the client.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = _HeadWithFirstBody(self.transport, self.loop)
 
     def on_body(self, body: bytes) -> None:
         if not self._is_refused:
@@ -224,3 +229,54 @@ def guarded_protocol(limits: HeaderLimits) -> type[GuardedHttpProtocol]:
         limits = bound_limits
 
     return BoundGuardedHttpProtocol
+
+
+class _HeadWithFirstBody(asyncio.Transport):
+    """One response's view of its connection: the head (status line and headers, uvicorn's
+    first write of a response) waits for the body's first write in the same loop turn, so
+    both leave in one segment — one send and one wake-up of the client instead of two. A
+    head with no body write in its turn goes out at the turn's end."""
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = b""
+        """b"" until the head comes, then the head until it is written, then None."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        head = self._head
+        if head is None:
+            self._transport.write(data)
+        elif head:
+            self._head = None
+            self._transport.write(head + data)
+        elif bytes(data[:12]) == b"HTTP/1.1 100":  # 100 Continue: not the response's head
+            self._transport.write(data)
+        else:
+            self._head = bytes(data)
+            self._loop.call_soon(self._write_head)
+
+    def _write_head(self) -> None:
+        head, self._head = self._head, None
+        if head and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self._write_head()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def abort(self) -> None:
+        self._head = None
+        self._transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._head or b"")
