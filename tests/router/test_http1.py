@@ -247,3 +247,27 @@ def test_a_closed_pool_refuses_requests() -> None:
         assert caught.value.kind == "connect"
 
     asyncio.run(go())
+
+
+def test_a_read_that_waits_past_its_limit_times_out_and_drops_the_connection() -> None:
+    async def go() -> None:
+        async def answer(_head: bytes) -> bytes:
+            # Chunked, one chunk, then silence (the body never ends).
+            return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+
+        async with keep_alive_server(answer) as server:
+            pool = pool_for(server)
+            response = await pool.request("POST", "/v1/x", {}, b"{}")
+            assert await response.next_chunk(0.05) == b"abc"  # there already: no wait
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await response.next_chunk(0.2)
+            assert 0.15 < loop.time() - started < 1.5
+            await response.aclose()
+            second = await pool.request("POST", "/v1/x", {}, b"{}")  # a new connection
+            await second.aclose()
+            await pool.aclose()
+            assert server.connections == 2
+
+    asyncio.run(go())

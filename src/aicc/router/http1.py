@@ -9,7 +9,8 @@ as they arrive with flow control, idle connections kept for the next call.
 Errors are `TransportError` with a kind the caller can judge: `connect` (nothing was sent),
 `timeout` (connecting took too long), `closed` (the connection ended before the answer did),
 `protocol` (not HTTP).
-Deadlines are the caller's (`asyncio.timeout` around any await); connecting has its own.
+Deadlines are the caller's (`asyncio.timeout` around any await, or `next_chunk`'s own limit);
+connecting has its own.
 """
 
 from __future__ import annotations
@@ -201,8 +202,10 @@ class _Exchange:
     async def headers_done(self) -> None:
         await self._headers_done
 
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body; None at its end. Raises TransportError."""
+    async def next_chunk(self, wait_s: float | None = None) -> bytes | None:
+        """The next piece of the body; None at its end. Raises TransportError, and
+        TimeoutError when nothing came within `wait_s` (no limit: None)."""
+        deadline: float | None = None
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
@@ -214,15 +217,28 @@ class _Exchange:
                 return None
             if self.error is not None:
                 raise self.error
-            self._wakeup = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            wakeup = self._wakeup = loop.create_future()
+            timer = None
+            if wait_s is not None:  # a plain timer, not `asyncio.timeout`: streams wait a lot
+                if deadline is None:
+                    deadline = loop.time() + wait_s
+                timer = loop.call_at(deadline, _expire, wakeup)
             try:
-                await self._wakeup
+                await wakeup
             finally:
                 self._wakeup = None
+                if timer is not None:
+                    timer.cancel()
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+
+def _expire(wakeup: asyncio.Future[None]) -> None:
+    if not wakeup.done():
+        wakeup.set_exception(TimeoutError())
 
 
 class Http1Response:
@@ -242,10 +258,11 @@ class Http1Response:
     def is_success(self) -> bool:
         return 200 <= self.status_code < 300
 
-    async def next_chunk(self) -> bytes | None:
-        """Raises TransportError."""
+    async def next_chunk(self, wait_s: float | None = None) -> bytes | None:
+        """The next piece of the body; None at its end. Raises TransportError, and
+        TimeoutError when nothing came within `wait_s` (the connection is closed then)."""
         try:
-            return await self._exchange.next_chunk()
+            return await self._exchange.next_chunk(wait_s)
         except BaseException:
             self._discard()
             raise

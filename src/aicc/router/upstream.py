@@ -207,8 +207,7 @@ class UpstreamResponse:
             wait_s = total_left_s
             reason = f"did not finish within {upstream.total_timeout_s:g} s"
         try:
-            async with asyncio.timeout(max(wait_s, 0.0)):
-                return await self._response.next_chunk()
+            return await self._response.next_chunk(max(wait_s, 0.0))
         except TimeoutError:
             raise self._fail("timeout", reason) from None
         except TransportError as exc:
