@@ -9,6 +9,7 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from aicc.api.observe import RecordingMiddleware
@@ -46,10 +47,12 @@ def run(
     is_stream: bool = False,
     fail: bool = False,
     pauses: bool = False,
+    sent: list[Any] | None = None,
 ) -> list[Any]:
-    """Serve one call through the middleware; what reached the server, in order. `pauses`:
-    the app lets other tasks run between its messages (as a relay waiting on reads does)."""
-    sent: list[Any] = []
+    """Serve one call through the middleware; what reached the server, in order (into `sent`
+    when given). `pauses`: the app lets other tasks run between its messages (as a relay
+    waiting on reads does)."""
+    sent = [] if sent is None else sent
     sink = Sink(sent, fail=fail)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,10 +141,19 @@ def test_a_stream_whose_record_is_final_commits_early_and_once() -> None:
         ("body", b"data: 1\n\n", True),
         ("body", b"usage\n\n", True),  # the commit runs meanwhile, not before this
         ("append", 200),
+        ("body", b"[DONE]", False),  # committed: the end need not wait for the app's cleanup
         ("app returned",),
-        ("body", b"[DONE]", False),
         ("observed", [200]),
     ]
+
+
+def test_a_failed_early_commit_holds_the_end_and_cuts_the_stream() -> None:
+    final = {**body(b"usage\n\n", more=True), RECORD_FINAL: True}
+    messages = [start(length=False), body(b"data: 1\n\n", more=True), final, body(b"[DONE]")]
+    sent: list[Any] = []
+    with pytest.raises(AuditWriteError):  # the server cuts the connection
+        run(messages, is_stream=True, pauses=True, fail=True, sent=sent)
+    assert sent[-1] == ("app returned",)  # no end: the client never sees a clean finish
 
 
 def test_an_early_commit_stands_for_a_stream_the_client_left() -> None:

@@ -5,7 +5,8 @@ Durability: the audit entry is committed *before* the last response byte is sent
 that got its answer is always in the log (a crash right after loses nothing acknowledged). For
 streams an "open call" row is sent to the log as the headers go out, and the entry closes it at
 the end — or at the disconnect. A relayed stream whose record is complete before its end (the
-upstream's usage came; `RECORD_FINAL`) starts its commit then; the end still waits for it.
+upstream's usage came; `RECORD_FINAL`) starts its commit then; the end still waits for it,
+but once it is committed the end goes out at once, before the app's own cleanup.
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ class RecordingMiddleware:
         early: asyncio.Future[None] | None = None
         """The entry's commit, started before the end (`RECORD_FINAL`)."""
 
+        is_ended = False
+        """The last body message went out before the app returned (its commit was early)."""
+
         async def recording_send(message: Message) -> None:
-            nonlocal status, held_start, held_end, early
+            nonlocal status, held_start, held_end, early, is_ended
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 if audit is not None:
@@ -98,7 +102,10 @@ class RecordingMiddleware:
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 held_end = message
                 if audit is not None:
-                    return
+                    if early is None or not await _committed(early):
+                        return  # sent once the app has returned and the entry is committed
+                    is_ended = True  # its entry is committed: the end need not wait for
+                    # the app to finish (closing the upstream, metering); failed: held
             elif audit is not None and early is None and message.get(RECORD_FINAL):
                 outcome = _outcome(scope, record, status)
                 early = asyncio.ensure_future(audit.append(record, outcome))
@@ -114,7 +121,9 @@ class RecordingMiddleware:
             status = status or _CLIENT_GONE  # nobody to answer; not a server error
         finally:
             try:
-                if audit is not None and held_end is not None:
+                if is_ended:
+                    is_audited = True
+                elif audit is not None and held_end is not None:
                     is_audited = True
                     held = (held_start, held_end)
                     status = await _commit_and_send(
@@ -159,6 +168,16 @@ async def _commit_and_send(
         await send(start)
     await send(end)
     return status
+
+
+async def _committed(early: asyncio.Future[None]) -> bool:
+    """Whether the commit started early succeeded (waiting for it; a failure is answered
+    where the end was held, as for any commit)."""
+    try:
+        await asyncio.shield(early)
+    except Exception:
+        return False
+    return True
 
 
 def _has_length(start: Message) -> bool:
