@@ -54,6 +54,9 @@ def bare_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's own OpenTelemetry bridge looks for configured providers on every
+        # request; aicc's telemetry is its Prometheus metrics, JSON logs and audit log.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     for name in APP_STATE_NAMES:

@@ -38,6 +38,8 @@ class DailyUsageStore:
         self._db = db
         self._wall_clock = wall_clock
         self._day = ""
+        self._day_number = -1
+        """`_day` as whole days since the epoch (the string is formatted once a day)."""
         # Loaded subjects only: the stored total plus everything added since (event loop only).
         self._totals: dict[str, int] = {}
         # Increments not yet written; handed over to `flush` under `_lock`.
@@ -115,12 +117,14 @@ class DailyUsageStore:
             return len(batch)
 
     def _roll(self) -> str:
-        day = utc_day(self._wall_clock())
-        if day != self._day:
+        now = self._wall_clock()
+        day_number = int(now // SECONDS_PER_DAY)
+        if day_number != self._day_number:
             # A new day: every quota starts from zero; old days' increments still get written.
-            self._day = day
+            self._day_number = day_number
+            self._day = utc_day(now)
             self._totals.clear()
-        return day
+        return self._day
 
     def _load(self, subject: str, day: str) -> int:
         if self._db is None:
