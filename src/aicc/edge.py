@@ -141,6 +141,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self._is_refused:
             super().on_message_complete()
 
+    # -- writes outside a response: after its held head, never before -------------------------
+    def shutdown(self) -> None:
+        self._write_held_head()
+        super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:
+        self._write_held_head()
+        super().send_400_response(msg)
+
+    def _write_held_head(self) -> None:
+        """A head still held (a response whose body has no write, such as HEAD's) goes out
+        before anything the protocol itself writes or closes in the same loop turn."""
+        transport = self.cycle.transport if self.cycle is not None else None
+        if isinstance(transport, _HeadWithFirstBody):
+            transport.write_held_head()
+
     # -- the guards ----------------------------------------------------------------------------
     def _is_over_capacity(self) -> bool:
         """uvicorn's own test for its 503 (connections or request tasks at the limit)."""
@@ -201,6 +217,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         written on this connection) and close the connection."""
         self._is_refused = True
         self._stop_waiting_for_headers()
+        self._write_held_head()
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
@@ -257,15 +274,16 @@ class _HeadWithFirstBody(asyncio.Transport):
             self._transport.write(data)
         else:
             self._head = bytes(data)
-            self._loop.call_soon(self._write_head)
+            self._loop.call_soon(self.write_held_head)
 
-    def _write_head(self) -> None:
+    def write_held_head(self) -> None:
+        """Write the head now if it is still held (and hold nothing from here on)."""
         head, self._head = self._head, None
         if head and not self._transport.is_closing():
             self._transport.write(head)
 
     def close(self) -> None:
-        self._write_head()
+        self.write_held_head()
         self._transport.close()
 
     def is_closing(self) -> bool:

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -122,3 +123,24 @@ def test_a_stream_starts_with_its_head_and_first_event_in_one_segment(port: int)
         while not rest.endswith(b"0\r\n\r\n"):
             rest += sock.recv(65536)
         assert b"data: 2\n\n" in rest
+
+
+def test_a_head_request_gets_its_head_at_the_end_of_the_turn(port: int) -> None:
+    # HEAD: the response has no body write, so its head goes out when its turn ends.
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_shutdown_writes_a_held_head_before_closing() -> None:
+    async def go() -> None:
+        transport = RecordingTransport()
+        view = _HeadWithFirstBody(transport, asyncio.get_running_loop())
+        view.write(HEAD)
+        protocol = SimpleNamespace(cycle=SimpleNamespace(transport=view))
+        GuardedHttpProtocol._write_held_head(protocol)  # type: ignore[arg-type]
+        assert transport.writes == [HEAD]
+        view.write(b"x")
+        assert transport.writes == [HEAD, b"x"]
+
+    asyncio.run(go())
