@@ -332,7 +332,7 @@ class PassthroughResponse(StreamingResponse):
     def __init__(self, events: AsyncGenerator[tuple[bytes, Relayed]]) -> None:
         self._events = events
         super().__init__(
-            _bodies(events),
+            (),  # unused: `stream_response` reads `events` itself
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -351,15 +351,9 @@ class PassthroughResponse(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Starlette's own watches the client in an anyio task group; two plain tasks do it
-        # for less on every relayed stream.
+        # Starlette's own watches the client in an anyio task group; `unless_gone` sends in
+        # this task with one watcher, for less on every relayed stream.
         try:
             await unless_gone(receive, self.stream_response(send))
         finally:
             await self._events.aclose()
-
-
-async def _bodies(events: AsyncGenerator[tuple[bytes, Relayed]]) -> AsyncGenerator[bytes]:
-    # Unused by `stream_response`; StreamingResponse wants a body iterator.
-    async for event, _ in events:
-        yield event

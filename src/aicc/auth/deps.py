@@ -78,8 +78,11 @@ def require(
     reading the audit log when `audit_admin_read` is on)."""
 
     async def check(request: Request, principal: CurrentPrincipal) -> Principal:
-        if also_admit is None or permission is None or not also_admit(request, principal):
+        try:
             check_permission(principal, permission)
+        except PermissionDeniedError:
+            if also_admit is None or not also_admit(request, principal):
+                raise
         return principal
 
     check.required_permission = permission or AUTHENTICATED  # type: ignore[attr-defined]
