@@ -11,9 +11,11 @@ through the gateway ≥ 0.9 × direct.
 The latency phase measures what the gateway adds to one request: the same short streamed
 request (one output token, a prompt the upstream's prefix cache holds, so the engine's share
 is small and steady) goes alternately direct and through the gateway, one at a time, each
-path on its own kept-alive connection; the added latency is the median of the pairs'
-differences. Without the cache a request costs ~200 ms of prompt processing on one thread,
-whose jitter (±40 ms) would hide a difference of a few milliseconds.
+path on its own kept-alive connection; the added latency is the median of the differences of
+all rounds' pairs. Without the cache a request costs ~200 ms of prompt processing on one
+thread, whose jitter (±40 ms) would hide a difference of a few milliseconds; with it, one
+engine step (~45 ms) still moves a pair's difference by several milliseconds, so a round's
+own median (the table's column) moves by ±1 ms and the target is judged on all pairs together.
 
     python bench/gateway_overhead.py [--rounds 5] [--requests 64] [--concurrency 4]
 """
@@ -57,6 +59,8 @@ class Round:
     """Median end-to-end time of one request alone, one output token."""
     added_ms: float
     """Median of (gateway − direct) over the round's request pairs (the gateway's rows)."""
+    differences: tuple[float, ...]
+    """The round's (gateway − direct) per pair, ms (the gateway's rows; empty for direct)."""
     median_e2e_ms: float
     requests_per_s: float
     num_failed: int
@@ -142,8 +146,8 @@ the upstream's prefix cache to hold it after the warm-up."""
 
 def measure_latency(
     paths: dict[str, tuple[str, str, str]], order: tuple[str, ...], pairs: int
-) -> dict[str, tuple[float, float]]:
-    """Per path: (median ms, median of its differences to the first path in ms), from
+) -> dict[str, tuple[float, list[float]]]:
+    """Per path: (median ms, its differences to the first path per pair in ms), from
     `pairs` rounds of one streamed request per path, alternating."""
     clients = {
         path: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -170,10 +174,7 @@ def measure_latency(
             client.close()
     first = times[order[0]]
     return {
-        path: (
-            statistics.median(values),
-            statistics.median(b - a for a, b in zip(first, values, strict=True)),
-        )
+        path: (statistics.median(values), [b - a for a, b in zip(first, values, strict=True)])
         for path, values in times.items()
     }
 
@@ -185,7 +186,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--input-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=4)
-    parser.add_argument("--pairs", type=int, default=40, help="latency pairs per round")
+    parser.add_argument("--pairs", type=int, default=100, help="latency pairs per round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aicc-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
@@ -235,8 +236,12 @@ def main() -> int:
                 # path the other's), new ones each round.
                 seed = 2 * index + (path == "gateway")
                 median_ms, rate, failed = measure(*paths[path], args, seed=seed)
-                latency_ms, added_ms = latency[path]
-                rounds.append(Round(index, path, latency_ms, added_ms, median_ms, rate, failed))
+                latency_ms, differences = latency[path]
+                own = tuple(differences) if path == "gateway" else ()
+                added_ms = statistics.median(differences)
+                rounds.append(
+                    Round(index, path, latency_ms, added_ms, own, median_ms, rate, failed)
+                )
     print_table(rounds)
     return report(rounds)
 
@@ -258,12 +263,14 @@ def report(rounds: list[Round]) -> int:
     def median_of(path: str, pick: str) -> float:
         return statistics.median(getattr(r, pick) for r in rounds if r.path == path)
 
-    added_ms = median_of("gateway", "added_ms")
+    differences = [d for r in rounds for d in r.differences]
+    added_ms = statistics.median(differences)
     ratio = median_of("gateway", "requests_per_s") / median_of("direct", "requests_per_s")
     failed = sum(r.num_failed for r in rounds)
     checks = [
         (
-            f"added median latency {added_ms:.1f} ms <= {MAX_ADDED_MS:.0f} ms",
+            f"added median latency {added_ms:.1f} ms <= {MAX_ADDED_MS:.0f} ms "
+            f"(all {len(differences)} pairs)",
             added_ms <= MAX_ADDED_MS,
         ),
         (f"throughput ratio {ratio:.3f} >= {MIN_RATIO}", ratio >= MIN_RATIO),
