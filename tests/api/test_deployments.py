@@ -51,6 +51,12 @@ class Setup:
         cut = self.loop.scripted(
             routes({"/readyz": OK_READY}, stream(sse_events(chunk), then="close"))
         )
+        usage = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1,
+                                          "total_tokens": 10}}  # fmt: skip
+        # OpenAI's last data chunk, then never its [DONE]: the client's end must not wait.
+        silent_after_usage = self.loop.scripted(
+            routes({"/readyz": OK_READY}, stream(sse_events(chunk, usage), then="hang"))
+        )
         failing = self.loop.scripted(
             routes({"/readyz": OK_READY}, answer("500 Internal Server Error", "text/plain", b"x"))
         )
@@ -74,6 +80,9 @@ class Setup:
                 {"name": "v1", "weight": 1, "replicas": [remote(garbage, timeouts=FAST)]}]},
             {"model": "cut", "variants": [
                 {"name": "v1", "weight": 1, "replicas": [remote(cut, timeouts=FAST)]}]},
+            {"model": "usage-last", "variants": [
+                {"name": "v1", "weight": 1,
+                 "replicas": [remote(silent_after_usage, timeouts=FAST)]}]},
             {"model": "canary", "auto_rollback": {
                 "baseline": "v1", "canary": "v2", "window_s": 60, "min_requests": 3},
              "variants": [
@@ -301,6 +310,39 @@ def test_upstream_closing_mid_stream_ends_the_stream_cleanly(setup: Setup) -> No
     assert time.monotonic() - started < 5
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "upstream_error"
+
+
+def test_stream_ends_after_the_usage_chunk_and_its_commit(setup: Setup) -> None:
+    """The upstream sends its usage chunk and then nothing (its [DONE] would come after its
+    own audit commit): the client's stream ends with the gateway's [DONE] at once, audited
+    with the usage; the upstream's silence afterwards fails only its replica."""
+    started = time.monotonic()
+    with setup.client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json=chat("usage-last", stream=True),
+        headers={"X-Request-ID": "usage-last-1"},
+    ) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert time.monotonic() - started < FAST["idle_s"]  # not the upstream's idle timeout
+    assert events[-1] == "[DONE]"
+    (chunk,) = [json.loads(event) for event in events[:-1]]  # the usage it did not ask for
+    assert chunk["choices"][0]["delta"]["content"] == "Hi"  # is dropped again
+    auditor = setup.gateway.create_user_key("usage-auditor", ("auditor",))
+    entries = setup.client.get(
+        "/admin/audit",
+        params={"model": "usage-last", "limit": 100},
+        headers={"Authorization": f"Bearer {auditor}"},
+    ).json()["data"]
+    (entry,) = [e for e in entries if e["request_id"] == "usage-last-1"]
+    assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == (200, 9, 1)
+    # The rest of the upstream's stream is read after the client's end, within its timeouts.
+    router = setup.gateway.app.state.router
+    deadline = time.monotonic() + 5
+    while router.outstanding.num_outstanding(next(iter(replica_states(setup, "usage-last")))):
+        assert time.monotonic() < deadline, "the upstream's rest was not given up"
+        time.sleep(0.05)
 
 
 def run_cli(setup: Setup, *args: str) -> str:

@@ -88,9 +88,11 @@ class RecordingMiddleware:
 
         is_ended = False
         """The last body message went out before the app returned (its commit was early)."""
+        ended: CallOutcome | None = None
+        """The outcome as the client had it then (its latency), when `is_ended`."""
 
         async def recording_send(message: Message) -> None:
-            nonlocal status, held_start, held_end, early, is_ended
+            nonlocal status, held_start, held_end, early, is_ended, ended
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 if audit is not None:
@@ -113,6 +115,8 @@ class RecordingMiddleware:
                 start, held_start = held_start, None
                 await send(start)
             await send(message)
+            if is_ended:
+                ended = _outcome(scope, record, status)
 
         is_audited = False
         try:
@@ -132,7 +136,7 @@ class RecordingMiddleware:
             finally:
                 # Unfinished: the client went away mid-response, or the app failed before a byte.
                 final_status = status if held_end is not None else (_CLIENT_GONE if status else 500)
-                final = _outcome(scope, record, final_status)
+                final = ended or _outcome(scope, record, final_status)
                 if audit is not None and not is_audited:
                     await _append_quietly(audit, record, final, early)
                 _observe(state, record, final)

@@ -174,6 +174,9 @@ class _Exchange:
         self.lease = lease
         self.started = time.perf_counter()
         self.answer: UpstreamResponse | None = None
+        self.is_recorded = False
+        """The record was filled when the upstream's usage came (what follows is not the
+        call's: the client's stream ended there)."""
         self._is_finished = False
 
     async def send(self, replica: Replica, path: str, body: Json) -> Response:
@@ -234,27 +237,43 @@ class _Exchange:
     ) -> AsyncGenerator[tuple[bytes, Relayed]]:
         """(events, state) pairs, the events of one upstream read together; a failure
         mid-stream ends in an error event and [DONE]. The state is "final" once, when the
-        upstream's usage has come (the record is then complete), "last" with [DONE]."""
+        upstream's usage has come (the record is then complete), "last" with [DONE].
+
+        The usage-only chunk is OpenAI's last before [DONE]: the client's stream ends with
+        our own [DONE] right after it, without waiting for the upstream's (an aicc upstream
+        sends its own once its audit entry is committed, which the gateway's commit runs
+        alongside). The upstream's stream is then read to its end after the client's, so
+        that its connection is kept; what comes after the usage is not passed on, and an
+        upstream that fails there counts against its replica as any failure does."""
         ok = failed = False
         answer = self.answer
         assert answer is not None
-        is_recorded = False
+        is_ended = False
+        """Our [DONE] went out after the usage chunk; the upstream's end is still to read."""
 
         def state() -> Relayed:
-            nonlocal is_recorded
             if answer.facts.is_done:
                 return "last"
-            if answer.facts.has_final_usage and not is_recorded:
-                is_recorded = True
+            if answer.facts.has_final_usage and not self.is_recorded:
+                self.is_recorded = True
                 if self.call.record is not None:
                     _fill_record(answer.facts, self.call.record)
                 return "final"
             return "more"
 
         try:
-            yield b"".join(map(rename, first)), state()
-            async for batch in batches:
-                yield b"".join(map(rename, batch)), state()
+            relayed = state()
+            yield b"".join(map(rename, first)), relayed
+            while relayed != "last":
+                if relayed == "final":
+                    is_ended = True
+                    yield DONE, "last"
+                    break
+                batch = await anext(batches, None)
+                if batch is None:
+                    break
+                relayed = state()
+                yield b"".join(map(rename, batch)), relayed
             ok = True
         except UpstreamError as exc:
             failed = True
@@ -263,8 +282,12 @@ class _Exchange:
             yield encode_event(error_body(exc.message, exc.error_type, code=exc.code)), "more"
             yield DONE, "last"
         finally:
-            await batches.aclose()
-            self.finish(ok=ok, replica_failed=failed)
+            try:
+                if is_ended:
+                    ok, failed = await _read_to_end(batches)
+            finally:
+                await batches.aclose()
+                self.finish(ok=ok, replica_failed=failed)
 
     def finish(self, *, ok: bool, replica_failed: bool, observe: bool = True) -> None:
         if self._is_finished:
@@ -279,7 +302,18 @@ class _Exchange:
             )
         answer = self.answer
         if answer is not None:
-            _meter(answer, self.caller)
+            _meter(answer, self.caller, fill_record=not self.is_recorded)
+
+
+async def _read_to_end(batches: AsyncGenerator[list[bytes]]) -> tuple[bool, bool]:
+    """(ok, replica failed) of the rest of an upstream stream whose client has its end: read
+    to [DONE] within the upstream's timeouts and dropped."""
+    try:
+        async for _ in batches:
+            pass
+    except UpstreamError:
+        return False, True
+    return True, False
 
 
 def model_renamer(upstream: str, public: str) -> Callable[[bytes], bytes]:
@@ -301,13 +335,13 @@ def _unchanged(event: bytes) -> bytes:
     return event
 
 
-def _meter(answer: UpstreamResponse, caller: InferenceCaller) -> None:
-    """What the upstream reported, into the record and the caller's quota."""
+def _meter(answer: UpstreamResponse, caller: InferenceCaller, *, fill_record: bool) -> None:
+    """What the upstream reported, into the caller's quota (and the record)."""
     facts = answer.facts
     prompt, completion = facts.num_prompt_tokens, facts.num_completion_tokens
     if prompt is not None or completion is not None:
         caller.usage.record(prompt or 0, completion or 0)
-    if caller.record is not None:
+    if fill_record and caller.record is not None:
         _fill_record(facts, caller.record)
 
 
@@ -326,8 +360,8 @@ class PassthroughResponse(StreamingResponse):
     """An upstream's event stream, passed on. Its last event goes out as the final body
     message (the audit commit is done before the client sees the end); once the upstream's
     usage has come, the message says so (`RECORD_FINAL`): the commit starts then, alongside
-    the upstream's own before its [DONE]. The iterator is always closed, which closes the
-    upstream stream at once when the client goes away."""
+    the upstream's own before its [DONE], and the end follows it. The iterator is always
+    closed, which closes the upstream stream at once when the client goes away."""
 
     def __init__(self, events: AsyncGenerator[tuple[bytes, Relayed]]) -> None:
         self._events = events
