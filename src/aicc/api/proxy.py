@@ -264,16 +264,12 @@ class _Exchange:
         try:
             relayed = state()
             yield b"".join(map(rename, first)), relayed
-            while relayed != "last":
-                if relayed == "final":
-                    is_ended = True
-                    yield DONE, "last"
-                    break
-                batch = await anext(batches, None)
-                if batch is None:
-                    break
+            while relayed == "more" and (batch := await anext(batches, None)) is not None:
                 relayed = state()
                 yield b"".join(map(rename, batch)), relayed
+            if relayed == "final":
+                is_ended = True
+                yield DONE, "last"
             ok = True
         except UpstreamError as exc:
             failed = True
