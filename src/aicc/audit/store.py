@@ -1,18 +1,19 @@
-"""The writer thread's side of the audit log: one connection, the chain head, commits,
-checkpoints and purges. Used by exactly one thread (`AuditLog`'s writer); not thread-safe.
+"""The writer process's side of the audit log: one connection, the chain head, commits,
+checkpoints and purges. Used by exactly one thread (`aicc.audit.worker`); not thread-safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import operator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, Table, delete, func, insert, select
+from sqlalchemy import Connection, Table, delete, func, select
 
 from aicc.audit.chain import GENESIS_HASH
 from aicc.audit.checkpoints import Checkpoint, CheckpointFile, Reason
@@ -32,6 +33,7 @@ _SEQ, _TIME, _ROLES, _DETAIL, _PREV_HASH, _HASH = (
     _LOG_COLUMNS.index(name) for name in ("seq", "time", "roles", "detail", "prev_hash", "hash")
 )
 _OPEN = cast(Table, AuditOpenCall.__table__)
+_OPEN_COLUMNS = ("call_id", "opened_at", "request_id", "fields")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,13 @@ class ChainStore:
         self._checkpoint_seq = 0
         """The newest checkpoint written (or found at start)."""
 
+    @property
+    def data_errors(self) -> tuple[type[Exception], ...]:
+        """The driver's errors that one entry's data can cause (`commit` raises the driver's
+        own errors, not SQLAlchemy's)."""
+        dbapi = self._db.engine.dialect.loaded_dbapi
+        return (dbapi.IntegrityError, dbapi.DataError)
+
     def prepare(self) -> int:
         """Load the head and record calls a stop left open; how many were recovered.
 
@@ -83,7 +92,7 @@ class ChainStore:
         with conn.begin():
             rows = conn.execute(select(_OPEN).order_by(_OPEN.c.opened_at)).mappings().all()
             appends = [Append(recovered_entry(row["fields"]), row["call_id"]) for row in rows]
-            head = self._write(conn, [], appends)
+            head = self._write(_driver(conn), [], appends)
         self.head_seq, self.head_hash = head
         return len(rows)
 
@@ -93,9 +102,16 @@ class ChainStore:
 
         Raises the database's error (nothing is committed then; call `reset`).
         """
-        conn = self._connection()
-        with conn.begin():
-            head = self._write(conn, opens, appends)
+        # On the driver's own connection: SQLAlchemy's transaction and execution layers cost
+        # more than SQLite's commit (this runs for every batch; nothing else shares `conn`).
+        driver = _driver(self._connection())
+        try:
+            head = self._write(driver, opens, appends)
+            driver.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                driver.rollback()
+            raise
         self.head_seq, self.head_hash = head
         if self.head_seq - self._checkpoint_seq >= self._checkpoint_every:
             self.checkpoint("periodic")
@@ -117,7 +133,7 @@ class ChainStore:
             detail = purge_detail(actor, cut, count, through)
             entry = event_entry(action="audit.purge", principal=actor, detail=detail)
             is_recorded = count > 0 or record_empty
-            head = self._write(conn, [], [Append(entry)] if is_recorded else [])
+            head = self._write(_driver(conn), [], [Append(entry)] if is_recorded else [])
         self.head_seq, self.head_hash = head
         if count:
             self._first_seq = through + 1
@@ -162,10 +178,10 @@ class ChainStore:
         finally:
             conn.close()
 
-    def _write(
-        self, conn: Connection, opens: list[OpenCall], appends: list[Append]
-    ) -> tuple[int, str]:
-        """Insert in the caller's transaction; the new head, to adopt once it commits."""
+    def _write(self, driver: Any, opens: list[OpenCall], appends: list[Append]) -> tuple[int, str]:
+        """Insert in the transaction of `driver` (the driver's connection, not committed
+        here), one multi-row statement per table: SQLAlchemy's per-row parameter processing
+        cost more than the rest of a commit. The new head, to adopt once it commits."""
         seq, head = self.head_seq, self.head_hash
         values: list[object] = []
         for append in appends:
@@ -174,23 +190,41 @@ class ChainStore:
             values.extend(self._row_values(append.entry, seq, head, hash_, hashed_time))
             head = hash_
         closed = [a.open_call_id for a in appends if a.open_call_id is not None]
-        if opens:
-            conn.execute(insert(_OPEN), [_open_row(call) for call in opens])
-        if appends:
-            # Straight to the driver, one multi-row INSERT: SQLAlchemy's per-row parameter
-            # processing cost more than the rest of a commit.
-            conn.exec_driver_sql(self._insert_sql(len(appends)), tuple(values))
-        if closed:
-            conn.execute(delete(_OPEN).where(_OPEN.c.call_id.in_(closed)))
+        with contextlib.closing(driver.cursor()) as cursor:
+            if opens:
+                rows = [value for call in opens for value in self._open_values(call)]
+                cursor.execute(self._insert_sql("audit_open", len(opens)), rows)
+            if appends:
+                cursor.execute(self._insert_sql("audit_log", len(appends)), values)
+            if closed:
+                marks = ", ".join([self._mark] * len(closed))
+                cursor.execute(f"DELETE FROM audit_open WHERE call_id IN ({marks})", closed)
         return seq, head
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 (one store per process; batch sizes ≤ 256)
-    def _insert_sql(self, num_rows: int) -> str:
-        dialect = self._db.engine.dialect
-        mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        row = f"({', '.join([mark] * len(_LOG_COLUMNS))})"
+    @functools.cached_property
+    def _mark(self) -> str:
+        """The driver's parameter mark."""
+        return "?" if self._db.engine.dialect.paramstyle == "qmark" else "%s"
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 (one store per process; batch sizes ≤ 256)
+    def _insert_sql(self, table: Literal["audit_log", "audit_open"], num_rows: int) -> str:
+        columns = _LOG_COLUMNS if table == "audit_log" else _OPEN_COLUMNS
+        row = f"({', '.join([self._mark] * len(columns))})"
         rows = ", ".join([row] * num_rows)
-        return f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES {rows}"
+        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {rows}"
+
+    def _open_values(self, call: OpenCall) -> tuple[object, ...]:
+        """An `audit_open` row's values in `_OPEN_COLUMNS` order, as the driver takes them."""
+        fields = call.entry.to_json()
+        return (call.call_id, self._time_value(call.entry.time, fields["time"]),
+                call.entry.request_id, json.dumps(fields))  # fmt: skip
+
+    def _time_value(self, time: datetime, formatted: str) -> object:
+        """A time as the driver takes it, from the time and its hashed text (`format_time`):
+        SQLite keeps text in SQLAlchemy's DATETIME format, PostgreSQL a naive UTC timestamp."""
+        if self._db.is_sqlite:
+            return f"{formatted[:10]} {formatted[11:26]}"
+        return time.astimezone(UTC).replace(tzinfo=None)
 
     def _row_values(
         self, entry: AuditEntry, seq: int, prev_hash: str, hash_: str, hashed_time: str
@@ -199,12 +233,7 @@ class ChainStore:
         store them: naive UTC times, JSON text)."""
         values: list[object] = list(_column_values(entry))
         values[_SEQ], values[_PREV_HASH], values[_HASH] = seq, prev_hash, hash_
-        if self._db.is_sqlite:
-            # SQLite keeps text in SQLAlchemy's DATETIME format (from the hashed
-            # `2025-01-31T12:00:00.000000Z`); PostgreSQL a naive UTC timestamp.
-            values[_TIME] = f"{hashed_time[:10]} {hashed_time[11:26]}"
-        else:
-            values[_TIME] = entry.time.astimezone(UTC).replace(tzinfo=None)
+        values[_TIME] = self._time_value(entry.time, hashed_time)
         values[_ROLES] = json.dumps(list(entry.roles)) if entry.roles else "[]"
         values[_DETAIL] = None if entry.detail is None else json.dumps(entry.detail)
         return values
@@ -230,10 +259,8 @@ class ChainStore:
         self._first_seq = first or 1
 
 
-def _open_row(call: OpenCall) -> dict[str, object]:
-    return {
-        "call_id": call.call_id,
-        "opened_at": call.entry.time,
-        "request_id": call.entry.request_id,
-        "fields": call.entry.to_json(),
-    }
+def _driver(conn: Connection) -> Any:
+    """The driver's own connection under `conn` (sqlite3's or psycopg's)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None  # `conn` is open
+    return driver

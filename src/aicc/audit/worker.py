@@ -24,8 +24,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy.exc import DataError, IntegrityError
-
 from aicc.audit.checkpoints import CheckpointFile
 from aicc.audit.entries import AuditEntry, ContentCipher, entry_from_values
 from aicc.audit.store import Append, ChainStore, OpenCall
@@ -36,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 """Entries (and open rows) committed together at most."""
-_DATA_ERRORS = (IntegrityError, DataError, TypeError, ValueError)
-"""Errors one entry's data can cause: the batch is then retried entry by entry."""
+_DATA_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError)
+"""Errors one entry's data can cause in the chain (with the database's own, `ChainStore.
+data_errors`): the batch is then retried entry by entry."""
 _HEADER = 4
 _RECV_BYTES = 1 << 20
 OPEN_HOLD_S = 0.5
@@ -164,6 +163,7 @@ class _Server:
         self._store = store
         self._cipher = cipher
         self._buffer = bytearray()
+        self._data_errors = (*_DATA_ERRORS, *store.data_errors)
 
     def serve(self) -> None:
         held: list[Work] = []  # open rows waiting for company (see OPEN_HOLD_S)
@@ -265,7 +265,7 @@ class _Server:
         ]
         try:
             self._store.commit(opens, appends)
-        except _DATA_ERRORS as exc:
+        except self._data_errors as exc:
             self._store.reset()
             if len(batch) > 1:  # one bad entry must not fail its neighbours
                 parts = [self._commit([work]) for work in batch]
