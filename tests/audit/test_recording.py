@@ -36,6 +36,9 @@ class Sink:
             raise AuditWriteError("the audit log could not record this call")
         self.sent.append(("append", outcome.status))
 
+    def start_append(self, record: CallRecord, outcome: CallOutcome) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.append(record, outcome))
+
     def observe_call(self, record: CallRecord, outcome: CallOutcome) -> None:
         self.observed.append(outcome.status)
 

@@ -256,6 +256,43 @@ def test_captured_content_is_encrypted(
     assert (plain.prompt_enc, plain.completion_enc) == (None, None)
 
 
+def _writer_pids() -> list[int]:
+    """This process's audit writer children."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == os.getpid() and b"aicc.audit.worker" in command:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_calls_fail_at_once_when_the_writer_dies(audit_db: Database, settings: Settings) -> None:
+    async def main() -> list[Any]:
+        log = AuditLog(audit_db, settings, SECRET)
+        await log.start()
+        try:
+            await log.append(*make_call(request_id="before"))
+            (pid,) = _writer_pids()
+            os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(10):  # none waits for an acknowledgement forever
+                waiting = [log.append(*make_call()) for _ in range(3)]
+                results = await asyncio.gather(*waiting, return_exceptions=True)
+                with pytest.raises(AuditWriteError):
+                    await log.append(*make_call())
+        finally:
+            async with asyncio.timeout(10):
+                await log.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [type(r) for r in results] == [AuditWriteError] * 3
+    assert [e.request_id for e in query(audit_db)] == ["before"]
+
+
 _KILLED_CHILD = """
 import asyncio, os, signal, sys
 from aicc.audit import AuditLog

@@ -47,6 +47,10 @@ class AuditSink(Protocol):
 
     async def append(self, record: CallRecord, outcome: CallOutcome) -> None: ...
 
+    def start_append(self, record: CallRecord, outcome: CallOutcome) -> asyncio.Future[None]:
+        """`append` begun now; the future fails as `append` would."""
+        ...
+
 
 class MetricsSink(Protocol):
     def observe_call(self, record: CallRecord, outcome: CallOutcome) -> None: ...
@@ -110,7 +114,7 @@ class RecordingMiddleware:
                     # the app to finish (closing the upstream, metering); failed: held
             elif audit is not None and early is None and message.get(RECORD_FINAL):
                 outcome = _outcome(scope, record, status)
-                early = asyncio.ensure_future(audit.append(record, outcome))
+                early = audit.start_append(record, outcome)
             if held_start is not None:
                 start, held_start = held_start, None
                 await send(start)
@@ -176,9 +180,10 @@ async def _commit_and_send(
 
 async def _committed(early: asyncio.Future[None]) -> bool:
     """Whether the commit started early succeeded (waiting for it; a failure is answered
-    where the end was held, as for any commit)."""
+    where the end was held, as for any commit). Awaited directly, not shielded: a call
+    cancelled meanwhile cancels only its wait (the writer commits the entry regardless)."""
     try:
-        await asyncio.shield(early)
+        await early
     except Exception:
         return False
     return True

@@ -1,11 +1,13 @@
 """The audit log's front: async calls on the event loop, one writer process behind a socket.
 
-The event loop only builds an entry and queues it with a future; everything queued during one
-turn of the loop goes to the writer process (`aicc.audit.worker`) as one frame. The worker
-numbers and chains what it has received, commits once, and acknowledges the batch; the reader
-task resolves the futures. While one commit waits on the disk the next batch gathers, so a
-commit is shared by every call that arrived meanwhile (group commit). Hashing and database
-work run on another core, outside this process's GIL.
+The event loop only builds an entry and queues it with a future; what is queued during one
+turn of the loop goes to the writer process (`aicc.audit.worker`) as one frame at its end, and
+a call's entry (which its client waits for) at once, with whatever was queued before it. The
+worker numbers and chains what it has received, commits once, and acknowledges the batch; the
+acknowledgement resolves the futures in the socket protocol's callback that reads it. While
+one commit waits on the disk the next batch gathers, so a commit is shared by every call that
+arrived meanwhile (group commit). Hashing and database work run on another core, outside this
+process's GIL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aicc.api.record import CallOutcome, CallRecord
 from aicc.audit.checkpoints import CHECKPOINTS_FILE_NAME
@@ -44,7 +46,6 @@ _WORKER_MAIN = (
 START_TIMEOUT_S = 120.0
 """Longest the writer process may take to start and recover open calls."""
 STOP_TIMEOUT_S = 30.0
-_READ_BYTES = 1 << 20
 
 
 class AuditWriteError(AiccError):
@@ -85,8 +86,7 @@ class AuditLog:
         and one wake-up of the worker per turn, not one per call."""
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._process: subprocess.Popen[bytes] | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._channel: _Channel | None = None
         self._is_closed = False
         self._head: tuple[int, str] = (0, "")
         self._open_calls: dict[int, str] = {}
@@ -116,30 +116,29 @@ class AuditLog:
             except OSError as exc:
                 ours.close()
                 raise AuditWriteError(f"cannot start the audit writer: {exc}") from exc
-        reader, self._writer = await asyncio.open_connection(sock=ours)
-        self._writer.write(encode_frame(self._config))
-        buffer = bytearray()
+        loop = asyncio.get_running_loop()
+        channel = self._channel = _Channel(loop, self._settle, self._on_lost)
+        await loop.create_unix_connection(lambda: channel, sock=ours)
+        channel.write(encode_frame(self._config))
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
-                ready = await _read_message(reader, buffer)
+                ready = await channel.ready
         except (TimeoutError, EOFError, OSError) as exc:
             await self._abandon()
             raise AuditWriteError(f"the audit writer did not start: {exc!r}") from exc
-        assert isinstance(ready, Ready)
         if ready.error is not None:
             await self._abandon()
             raise AuditWriteError(f"the audit log cannot start: {ready.error}")
         if ready.num_recovered:
             logger.warning("audit: %d call(s) left open by a stop recorded", ready.num_recovered)
         self._head = ready.head
-        self._reader_task = asyncio.create_task(self._read_acks(reader, buffer))
 
     async def close(self) -> None:
         """Commit everything queued, write a `close` checkpoint, stop the writer process."""
         if self._process is None or self._is_closed:
             return
         self._is_closed = True
-        if self._reader_task is not None and not self._reader_task.done():
+        if self._is_running:
             with contextlib.suppress(AuditWriteError):
                 await self._submit("stop", None, check_open=False)
         await self._abandon()
@@ -165,8 +164,22 @@ class AuditLog:
 
         Raises AuditWriteError when it cannot be committed.
         """
+        await self.start_append(record, outcome)
+
+    def start_append(self, record: CallRecord, outcome: CallOutcome) -> asyncio.Future[None]:
+        """`append`, sent now (not at the end of the loop turn: the writer starts on it while
+        this turn goes on, e.g. relaying the usage to the client). The future resolves once
+        the entry is committed, or fails with AuditWriteError (at once when the log is not
+        running)."""
         call_id = self._open_calls.pop(id(record), None)
-        await self._submit("append", call_values(record, outcome), call_id)
+        try:
+            committed = self._enqueue("append", call_values(record, outcome), call_id)
+        except AuditWriteError as exc:
+            committed = asyncio.get_running_loop().create_future()
+            committed.set_exception(exc)
+            return committed
+        self._send_pending()
+        return committed
 
     async def append_event(
         self,
@@ -204,9 +217,10 @@ class AuditLog:
     def _enqueue(
         self, kind: Kind, payload: Any, call_id: str | None = None, *, check_open: bool = True
     ) -> asyncio.Future[Any]:
-        """Queue one item for the worker (sent on the next loop turn); its future resolves
-        when the worker acknowledges it. Raises AuditWriteError when not running."""
-        if self._reader_task is None or self._reader_task.done():
+        """Queue one item for the worker (sent at the end of this loop turn, or sooner by
+        `start_append`); its future resolves when the worker acknowledges it. Raises
+        AuditWriteError when not running."""
+        if not self._is_running:
             raise AuditWriteError("the audit log is not running")
         if check_open and self._is_closed:
             raise AuditWriteError("the audit log is closed")
@@ -221,7 +235,10 @@ class AuditLog:
 
     def _send_pending(self) -> None:
         pending, self._pending = self._pending, []
-        if self._writer is None or self._writer.is_closing():
+        if not pending:
+            return
+        channel = self._channel
+        if channel is None or not channel.is_open:
             self._fail([item[1] for item in pending], "the audit writer stopped")
             return
         try:
@@ -229,28 +246,23 @@ class AuditLog:
         except Exception:  # e.g. a detail value pickle cannot hold: fail only its own call
             for item in pending:
                 try:
-                    self._writer.write(encode_frame([item]))
+                    channel.write(encode_frame([item]))
                 except Exception:
                     logger.exception("audit: a call's values cannot be sent to the writer")
                     self._fail([item[1]], "the audit log could not record this call")
             return
-        self._writer.write(frame)
+        channel.write(frame)
 
-    async def _read_acks(self, reader: asyncio.StreamReader, buffer: bytearray) -> None:
-        try:
-            while True:
-                chunk = await reader.read(_READ_BYTES)
-                if not chunk:
-                    break
-                buffer += chunk
-                for done in decode_frames(buffer):
-                    self._settle(done)
-        except OSError:
-            logger.exception("audit: lost the connection to the writer process")
-        finally:
-            if not self._is_closed:
-                logger.error("audit: the writer process stopped; audited calls now fail (503)")
-            self._fail(list(self._futures), "the audit writer stopped")
+    @property
+    def _is_running(self) -> bool:
+        return self._channel is not None and self._channel.is_open
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            logger.error("audit: lost the connection to the writer process: %r", exc)
+        if not self._is_closed:
+            logger.error("audit: the writer process stopped; audited calls now fail (503)")
+        self._fail(list(self._futures), "the audit writer stopped")
 
     def _settle(self, done: Done) -> None:
         self._head = done.head
@@ -274,12 +286,8 @@ class AuditLog:
 
     async def _abandon(self) -> None:
         """Close the socket and reap the process (killed if it does not stop in time)."""
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
-        if self._reader_task is not None:
-            await self._reader_task
+        if self._channel is not None:
+            await self._channel.close()
         process = self._process
         if process is not None:
             try:
@@ -295,17 +303,57 @@ def _launch_worker(fd: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
 
 
-async def _read_message(reader: asyncio.StreamReader, buffer: bytearray) -> Any:
-    """The next frame (leaving any later bytes in `buffer`). Raises EOFError at the end."""
-    while True:
-        chunk = await reader.read(_READ_BYTES)
-        if not chunk:
-            raise EOFError("the audit writer exited")
-        buffer += chunk
-        messages = decode_frames(buffer)
-        if messages:
-            # The worker sends nothing after `Ready` until it is sent work.
-            return messages[0]
+class _Channel(asyncio.Protocol):
+    """The socket to the writer process: frames out; `Ready`, then each batch's `Done` handed
+    to `on_done` in the callback that reads it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[Done], None],
+        on_lost: Callable[[Exception | None], None],
+    ) -> None:
+        self.ready: asyncio.Future[Ready] = loop.create_future()
+        self._on_done = on_done
+        self._on_lost = on_lost
+        self._lost: asyncio.Future[None] = loop.create_future()
+        self._transport: asyncio.WriteTransport | None = None
+        self._buffer = bytearray()
+
+    @property
+    def is_open(self) -> bool:
+        return self.ready.done() and not self._lost.done() and self._transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.WriteTransport, transport)  # uvloop's: no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        for message in decode_frames(self._buffer):
+            if isinstance(message, Ready) and not self.ready.done():
+                self.ready.set_result(message)
+            else:
+                self._on_done(message)
+
+    def eof_received(self) -> bool:
+        return False  # the writer exited: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(EOFError("the audit writer exited"))
+            return
+        self._on_lost(exc)
+
+    def write(self, frame: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(frame)
+
+    async def close(self) -> None:
+        """Close the socket; return once it is closed (the writer sees its end)."""
+        if self._transport is not None:
+            self._transport.close()
+        await self._lost
 
 
 def _log_open_failure(future: asyncio.Future[Any]) -> None:
