@@ -6,7 +6,9 @@ streamed through, metered and audited by the gateway). The same streamed chat lo
 load generator, `aicc.loadgen`) runs against the upstream directly and through the gateway,
 in alternating rounds: a latency phase and a throughput phase (`--concurrency`). Prints a
 table and exits 1 when a target is missed: added median latency ≤ 3 ms, and throughput
-through the gateway ≥ 0.9 × direct.
+through the gateway ≥ 0.9 × direct. The throughput ratio is the median of the rounds' own
+ratios: a round's two runs follow each other, so a drift of the machine's speed over the
+minutes of the bench (20–40% on a shared machine) moves both alike.
 
 The latency phase measures what the gateway adds to one request: the same short streamed
 request (one output token, a prompt the upstream's prefix cache holds, so the engine's share
@@ -247,25 +249,32 @@ def main() -> int:
 
 
 def print_table(rounds: list[Round]) -> None:
+    ratios = round_ratios(rounds)
     print(
         f"\n{'round':>5}  {'path':<8}  {'alone ms':>8}  {'added ms':>8}  "
-        f"{'median e2e ms':>13}  {'req/s':>7}  {'failed':>6}"
+        f"{'median e2e ms':>13}  {'req/s':>7}  {'ratio':>6}  {'failed':>6}"
     )
     for r in rounds:
-        added = f"{r.added_ms:>8.2f}" if r.path == "gateway" else f"{'-':>8}"
+        is_gateway = r.path == "gateway"
+        added = f"{r.added_ms:>8.2f}" if is_gateway else f"{'-':>8}"
+        ratio = f"{ratios[r.index]:>6.3f}" if is_gateway else f"{'-':>6}"
         print(
             f"{r.index:>5}  {r.path:<8}  {r.latency_ms:>8.1f}  {added}  "
-            f"{r.median_e2e_ms:>13.1f}  {r.requests_per_s:>7.2f}  {r.num_failed:>6}"
+            f"{r.median_e2e_ms:>13.1f}  {r.requests_per_s:>7.2f}  {ratio}  {r.num_failed:>6}"
         )
 
 
-def report(rounds: list[Round]) -> int:
-    def median_of(path: str, pick: str) -> float:
-        return statistics.median(getattr(r, pick) for r in rounds if r.path == path)
+def round_ratios(rounds: list[Round]) -> dict[int, float]:
+    """Per round: requests/s through the gateway ÷ direct."""
+    rates = {(r.index, r.path): r.requests_per_s for r in rounds}
+    indices = sorted({r.index for r in rounds})
+    return {i: rates[i, "gateway"] / rates[i, "direct"] for i in indices}
 
+
+def report(rounds: list[Round]) -> int:
     differences = [d for r in rounds for d in r.differences]
     added_ms = statistics.median(differences)
-    ratio = median_of("gateway", "requests_per_s") / median_of("direct", "requests_per_s")
+    ratio = statistics.median(round_ratios(rounds).values())
     failed = sum(r.num_failed for r in rounds)
     checks = [
         (
@@ -273,7 +282,7 @@ def report(rounds: list[Round]) -> int:
             f"(all {len(differences)} pairs)",
             added_ms <= MAX_ADDED_MS,
         ),
-        (f"throughput ratio {ratio:.3f} >= {MIN_RATIO}", ratio >= MIN_RATIO),
+        (f"throughput ratio {ratio:.3f} >= {MIN_RATIO} (median of rounds)", ratio >= MIN_RATIO),
         (f"failed requests {failed} == 0", failed == 0),
     ]
     print()
