@@ -45,10 +45,9 @@ _CLIENT_GONE = 499
 class AuditSink(Protocol):
     async def open_call(self, record: CallRecord, outcome: CallOutcome) -> None: ...
 
-    async def append(self, record: CallRecord, outcome: CallOutcome) -> None: ...
-
     def start_append(self, record: CallRecord, outcome: CallOutcome) -> asyncio.Future[None]:
-        """`append` begun now; the future fails as `append` would."""
+        """The call's entry, sent now; the future resolves once it is committed (raises
+        AuditWriteError when it cannot be)."""
         ...
 
 
@@ -164,7 +163,9 @@ async def _commit_and_send(
     start, end = held
     try:
         await (
-            early if early is not None else audit.append(record, _outcome(scope, record, status))
+            early
+            if early is not None
+            else audit.start_append(record, _outcome(scope, record, status))
         )
     except AiccError as exc:
         if start is None:
@@ -216,7 +217,7 @@ async def _append_quietly(
     """Commit the entry of a call that did not end normally (or wait for the commit started
     early, which then stands for it)."""
     try:
-        await (early if early is not None else audit.append(record, outcome))
+        await (early if early is not None else audit.start_append(record, outcome))
     except Exception:  # the response is gone already; the failure must be seen, not raised
         logger.exception("audit entry for request %s could not be written", record.request_id)
 
