@@ -125,6 +125,27 @@ def test_chunked_and_close_delimited_bodies() -> None:
     asyncio.run(go())
 
 
+def test_chunks_that_came_together_are_read_together() -> None:
+    # A stream's last event and its usage chunk, sent in one write, reach the relay as one
+    # read: the gateway starts its audit commit before the client has the last event.
+    async def go() -> None:
+        async def answer(_head: bytes) -> bytes:
+            return (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            )
+
+        async with keep_alive_server(answer) as server:
+            pool = pool_for(server)
+            response = await pool.request("GET", "/", {})
+            assert await response.next_chunk() == b"abcde"
+            assert await response.next_chunk() is None
+            await response.aclose()
+            await pool.aclose()
+
+    asyncio.run(go())
+
+
 def test_an_unfinished_answer_closes_its_connection() -> None:
     async def go() -> None:
         answers = 0

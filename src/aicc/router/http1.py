@@ -203,16 +203,19 @@ class _Exchange:
         await self._headers_done
 
     async def next_chunk(self, wait_s: float | None = None) -> bytes | None:
-        """The next piece of the body; None at its end. Raises TransportError, and
-        TimeoutError when nothing came within `wait_s` (no limit: None)."""
+        """The body's bytes that have come and were not yet read, together (the chunks of
+        one upstream read, e.g. a stream's last event and its usage, are relayed together);
+        None at its end. Raises TransportError, and TimeoutError when nothing came within
+        `wait_s` (no limit: None)."""
         deadline: float | None = None
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft()
-                self.buffered -= len(chunk)
-                if self.buffered < _HIGH_WATER // 2:
-                    self.connection.resume()
-                return chunk
+                chunks = self._chunks
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self.buffered = 0
+                self.connection.resume()
+                return data
             if self.is_complete:
                 return None
             if self.error is not None:
@@ -259,8 +262,9 @@ class Http1Response:
         return 200 <= self.status_code < 300
 
     async def next_chunk(self, wait_s: float | None = None) -> bytes | None:
-        """The next piece of the body; None at its end. Raises TransportError, and
-        TimeoutError when nothing came within `wait_s` (the connection is closed then)."""
+        """The body's bytes that have come since the last call (all of them); None at its
+        end. Raises TransportError, and TimeoutError when nothing came within `wait_s` (the
+        connection is closed then)."""
         try:
             return await self._exchange.next_chunk(wait_s)
         except BaseException:
