@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +104,52 @@ def test_n_choices_stream(client: openai.OpenAI) -> None:
     assert all(texts)
     assert usage is not None
     assert usage.completion_tokens >= 3
+
+
+def http_chunks(raw: bytes) -> list[bytes]:
+    """The pieces of a chunked HTTP body as sent (one per write of the server)."""
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    pieces = []
+    while True:
+        size_line, body = body.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            return pieces
+        pieces.append(body[:size])
+        body = body[size + 2 :]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_streams_last_chunk_and_its_usage_leave_in_one_write(
+    server: LiveServer, path: str
+) -> None:
+    # A gateway relaying the stream then reads them as one: it starts its audit commit
+    # before the client gets the last chunk, and wakes once instead of twice.
+    prompt: dict[str, Any] = (
+        {"messages": QUESTION} if path == "/v1/chat/completions" else {"prompt": "Say hi."}
+    )
+    options = {"max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    body = json.dumps({"model": MODEL, **prompt, **options}).encode()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {server.api_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + body)
+        raw = b""
+        while data := sock.recv(65536):
+            raw += data
+    pieces = http_chunks(raw)
+    finishing = [p for p in pieces if b'"finish_reason":"' in p]
+    assert len(finishing) == 1
+    events = [e for e in finishing[0].split(b"\n\n") if e]
+    assert len(events) == 2, events  # the last choice's chunk, then the usage-only chunk
+    usage = json.loads(events[1].removeprefix(b"data: "))
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] >= 1
+    assert pieces[-1] == b"data: [DONE]\n\n"
 
 
 def test_n_shares_the_prompt_kv(server: LiveServer, client: openai.OpenAI) -> None:

@@ -111,13 +111,14 @@ class RoutedCall:
         return self.tag(response)
 
 
-async def renamed(chunks: AsyncIterator[Json], model: str) -> AsyncGenerator[Json]:
+async def renamed(chunks: AsyncIterator[list[Json]], model: str) -> AsyncGenerator[list[Json]]:
     """Chunks of a local replica under the deployment's public name."""
     try:
-        async for chunk in chunks:
-            if "model" in chunk:
-                chunk["model"] = model
-            yield chunk
+        async for ready in chunks:
+            for chunk in ready:
+                if "model" in chunk:
+                    chunk["model"] = model
+            yield ready
     finally:
         close = getattr(chunks, "aclose", None)
         if close is not None:

@@ -23,11 +23,12 @@ def encode_event(payload: dict[str, Any]) -> bytes:
     )
 
 
-async def sse_stream(chunks: AsyncIterator[dict[str, Any]]) -> AsyncGenerator[bytes]:
-    """Encode chunks as SSE; an error mid-stream becomes an `error` event (headers are sent)."""
+async def sse_stream(chunks: AsyncIterator[list[dict[str, Any]]]) -> AsyncGenerator[bytes]:
+    """Encode chunks as SSE, those ready together as one piece (one write); an error
+    mid-stream becomes an `error` event (headers are sent)."""
     try:
-        async for chunk in chunks:
-            yield encode_event(chunk)
+        async for ready in chunks:
+            yield b"".join(map(encode_event, ready))
     except AiccError as exc:
         yield encode_event(error_body(exc.message, exc.error_type, param=exc.param, code=exc.code))
         return
@@ -42,7 +43,7 @@ class EventStreamResponse(StreamingResponse):
     """A streaming response that always closes its iterator, so a client that goes away
     aborts its generation at once instead of whenever the iterator is garbage-collected."""
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, chunks: AsyncIterator[list[dict[str, Any]]]) -> None:
         self._events = sse_stream(chunks)
         super().__init__(
             self._events,

@@ -24,6 +24,7 @@ from aicc.engine.chat import ChatRenderer
 from aicc.engine.grammar import GrammarCompiler, GrammarLimits, check_json_schema
 from aicc.engine.toolcalls import ToolCallParser
 from aicc.engine.toolprompt import ANY_TOOL, required_call_spec, tool_system_prompt
+from aicc.engine.types import TokenEvent
 from aicc.errors import InvalidRequestError
 
 
@@ -107,33 +108,26 @@ class ChatServing:
             )
         return self.core.envelope(prepared, "chat.completion", choices, collected.usage)
 
-    async def chunks(self, prepared: PreparedRequest, plan: ChatPlan) -> AsyncIterator[Json]:
+    async def chunks(self, prepared: PreparedRequest, plan: ChatPlan) -> AsyncIterator[list[Json]]:
+        """The stream's chunks; those ready together in one list (they leave in one write)."""
         kind = "chat.completion.chunk"
         processors = [plan.processor() for _ in range(prepared.num_choices)]
-        for index in range(prepared.num_choices):
-            first = {"index": index, "delta": {"role": "assistant", "content": ""}}
-            yield self.core.chunk(
-                prepared, kind, {**first, "logprobs": None, "finish_reason": None}
-            )
+        first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}  # fmt: skip
+        yield [
+            self.core.chunk(prepared, kind, {"index": index, **first})
+            for index in range(prepared.num_choices)
+        ]
         async for event, usage in self.core.stream_events(prepared):
-            if event is None:
-                yield self.core.chunk(prepared, kind, None, usage)
-                continue
-            processor = processors[event.index]
-            delta = processor.push(event.text)
-            finish = finish_reason_json(event.finish_reason)
-            if event.finish_reason is not None:
-                delta = _merge(delta, processor.finish())
-                finish = "tool_calls" if processor.has_tool_calls else finish
-            if delta.is_empty and finish is None and not event.logprobs:
-                continue
-            choice = {
-                "index": event.index,
-                "delta": delta_json(delta),
-                "logprobs": chat_logprobs(event.logprobs) if prepared.wants_logprobs else None,
-                "finish_reason": finish,
-            }
-            yield self.core.chunk(prepared, kind, choice)
+            ready = []
+            if event is not None:
+                choice = _choice_json(processors[event.index], event, prepared.wants_logprobs)
+                if choice is not None:
+                    ready.append(self.core.chunk(prepared, kind, choice))
+            if usage is not None:
+                ready.append(self.core.chunk(prepared, kind, None, usage))
+            if ready:
+                yield ready
 
     # -- helpers ---------------------------------------------------------------------------
     def _render_and_tokenize(
@@ -247,6 +241,25 @@ def _arguments(call: Json) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _choice_json(
+    processor: ChatOutputProcessor, event: TokenEvent, wants_logprobs: bool
+) -> Json | None:
+    """A streamed chunk's choice for `event` (None when it adds nothing to show)."""
+    delta = processor.push(event.text)
+    finish = finish_reason_json(event.finish_reason)
+    if event.finish_reason is not None:
+        delta = _merge(delta, processor.finish())
+        finish = "tool_calls" if processor.has_tool_calls else finish
+    if delta.is_empty and finish is None and not event.logprobs:
+        return None
+    return {
+        "index": event.index,
+        "delta": delta_json(delta),
+        "logprobs": chat_logprobs(event.logprobs) if wants_logprobs else None,
+        "finish_reason": finish,
+    }
 
 
 def _merge(first: ChatDelta, second: ChatDelta) -> ChatDelta:

@@ -78,7 +78,9 @@ class Target:
         """The model name to show the client (a deployment's, for a local replica)."""
         return self.call.model if self.call is not None else name
 
-    def chunks(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    def chunks(
+        self, chunks: AsyncIterator[list[dict[str, Any]]]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
         return chunks if self.call is None else renamed(chunks, self.call.model)
 
     async def respond(

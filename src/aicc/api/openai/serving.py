@@ -150,25 +150,27 @@ class OpenAIServing:
         ]
         return self.envelope(prepared, "text_completion", choices, collected.usage)
 
-    async def completion_chunks(self, prepared: PreparedRequest) -> AsyncIterator[Json]:
+    async def completion_chunks(self, prepared: PreparedRequest) -> AsyncIterator[list[Json]]:
+        """The stream's chunks; those ready together in one list (they leave in one write)."""
         offsets = [0] * prepared.num_choices
         async for event, usage in self.stream_events(prepared):
-            if event is None:
-                yield self.chunk(prepared, "text_completion", None, usage)
-                continue
-            if not (event.text or event.finish_reason or event.logprobs):
-                continue
-            logprobs = None
-            if prepared.wants_logprobs:
-                logprobs = completion_logprobs(event.logprobs, offsets[event.index])
-                offsets[event.index] += sum(len(t) for t in logprobs["tokens"])
-            choice = {
-                "index": event.index,
-                "text": event.text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason_json(event.finish_reason),
-            }
-            yield self.chunk(prepared, "text_completion", choice)
+            ready = []
+            if event is not None and (event.text or event.finish_reason or event.logprobs):
+                logprobs = None
+                if prepared.wants_logprobs:
+                    logprobs = completion_logprobs(event.logprobs, offsets[event.index])
+                    offsets[event.index] += sum(len(t) for t in logprobs["tokens"])
+                choice = {
+                    "index": event.index,
+                    "text": event.text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason_json(event.finish_reason),
+                }
+                ready.append(self.chunk(prepared, "text_completion", choice))
+            if usage is not None:
+                ready.append(self.chunk(prepared, "text_completion", None, usage))
+            if ready:
+                yield ready
 
     def _tokenize_with_bos(self, text: str) -> list[int]:
         return self.engine.tokenize(text, add_special=True)
@@ -218,17 +220,28 @@ class OpenAIServing:
     async def stream_events(
         self, prepared: PreparedRequest
     ) -> AsyncIterator[tuple[TokenEvent | None, Json | None]]:
-        """The request's events; then, if usage was asked for, (None, usage) at the end."""
+        """The request's events, each as (event, None). If usage was asked for, it comes with
+        the event that finishes the last choice, as (event, usage): the stream's last chunk
+        and its usage then leave in one write (a relaying gateway reads them as one, and
+        starts its audit commit before passing the last chunk on). Events that end otherwise
+        are followed by (None, usage)."""
         generated = [0] * prepared.num_choices
+        unfinished = set(range(prepared.num_choices))
         num_prompt = 0
+        is_usage_due = prepared.include_usage
         try:
             async for event in prepared.events:
                 generated[event.index] = event.num_generated_tokens
                 num_prompt = event.num_prompt_tokens
-                yield event, None
+                if event.finish_reason is not None:
+                    unfinished.discard(event.index)
+                usage = None
+                if is_usage_due and not unfinished:
+                    usage, is_usage_due = usage_json(num_prompt, sum(generated)), False
+                yield event, usage
         finally:
             await close_events(prepared.events)
-        if prepared.include_usage:
+        if is_usage_due:
             yield None, usage_json(num_prompt, sum(generated))
 
     def chunk(
