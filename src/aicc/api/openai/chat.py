@@ -112,21 +112,18 @@ class ChatServing:
         """The stream's chunks; those ready together in one list (they leave in one write)."""
         kind = "chat.completion.chunk"
         processors = [plan.processor() for _ in range(prepared.num_choices)]
-        first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}  # fmt: skip
+        role = {"role": "assistant", "content": ""}
         yield [
-            self.core.chunk(prepared, kind, {"index": index, **first})
-            for index in range(prepared.num_choices)
+            self.core.chunk(
+                prepared, kind, {"index": i, "delta": role, "logprobs": None, "finish_reason": None}
+            )
+            for i in range(prepared.num_choices)
         ]
         async for event, usage in self.core.stream_events(prepared):
-            ready = []
+            choice = None
             if event is not None:
                 choice = _choice_json(processors[event.index], event, prepared.wants_logprobs)
-                if choice is not None:
-                    ready.append(self.core.chunk(prepared, kind, choice))
-            if usage is not None:
-                ready.append(self.core.chunk(prepared, kind, None, usage))
-            if ready:
+            if ready := self.core.ready_chunks(prepared, kind, choice, usage):
                 yield ready
 
     # -- helpers ---------------------------------------------------------------------------

@@ -154,7 +154,7 @@ class OpenAIServing:
         """The stream's chunks; those ready together in one list (they leave in one write)."""
         offsets = [0] * prepared.num_choices
         async for event, usage in self.stream_events(prepared):
-            ready = []
+            choice = None
             if event is not None and (event.text or event.finish_reason or event.logprobs):
                 logprobs = None
                 if prepared.wants_logprobs:
@@ -166,10 +166,7 @@ class OpenAIServing:
                     "logprobs": logprobs,
                     "finish_reason": finish_reason_json(event.finish_reason),
                 }
-                ready.append(self.chunk(prepared, "text_completion", choice))
-            if usage is not None:
-                ready.append(self.chunk(prepared, "text_completion", None, usage))
-            if ready:
+            if ready := self.ready_chunks(prepared, "text_completion", choice, usage):
                 yield ready
 
     def _tokenize_with_bos(self, text: str) -> list[int]:
@@ -243,6 +240,16 @@ class OpenAIServing:
             await close_events(prepared.events)
         if is_usage_due:
             yield None, usage_json(num_prompt, sum(generated))
+
+    def ready_chunks(
+        self, prepared: PreparedRequest, kind: str, choice: Json | None, usage: Json | None
+    ) -> list[Json]:
+        """The chunks of one step of a stream, to send together: the choice's (if any), then
+        the usage-only chunk (if the usage came with it)."""
+        ready = [] if choice is None else [self.chunk(prepared, kind, choice)]
+        if usage is not None:
+            ready.append(self.chunk(prepared, kind, None, usage))
+        return ready
 
     def chunk(
         self, prepared: PreparedRequest, kind: str, choice: Json | None, usage: Json | None = None
